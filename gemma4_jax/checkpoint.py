@@ -1,0 +1,251 @@
+"""Hugging Face safetensors checkpoints -> parameter pytrees.
+
+The converter is a rename table plus one transform per tensor. Every tensor's shape is checked, and
+completeness is checked both ways: every source key is used or deliberately skipped, every parameter
+is filled. Tensors are read lazily (memory-mapped) one at a time and placed straight into their
+target sharding, so peak host memory is about the final parameters plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from gemma4_jax.config import Config
+from gemma4_jax.params import Param, is_param
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load; the message names the file and tensor."""
+
+
+_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """Lazy reader of one .safetensors file: the header is parsed and checked against the file size
+    up front (a truncated download fails here, naming the file), tensors are memory-mapped on read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > size - 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if e["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+            if self._base + end > size:
+                raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {self._base + end}, "
+                                      f"file has {size}")
+            if end - begin != int(np.prod(e["shape"])) * np.dtype(_DTYPES[e["dtype"]]).itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {e['shape']}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        e = self.entries[name]
+        begin, _ = e["data_offsets"]
+        shape = tuple(e["shape"])
+        return np.memmap(self.path, dtype=_DTYPES[e["dtype"]], mode="r", offset=self._base + begin,
+                         shape=shape if shape else (1,)).reshape(shape)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint directory: `model.safetensors`, or shards listed in
+    `model.safetensors.index.json`."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            files = {}
+            for shard in sorted(set(weight_map.values())):
+                path = os.path.join(directory, shard)
+                if not os.path.exists(path):
+                    raise CheckpointError(f"{index}: shard {shard!r} is missing from {directory}")
+                files[shard] = SafetensorsFile(path)
+            self.where = {}
+            for name, shard in weight_map.items():
+                if name not in files[shard].entries:
+                    raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard!r} but not found there")
+                self.where[name] = files[shard]
+        elif os.path.exists(single):
+            f = SafetensorsFile(single)
+            self.where = {name: f for name in f.entries}
+        else:
+            raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.where[name].read(name)
+
+
+# A rule: HF tensor name -> (expected HF shape, [(parameter path, transform from the HF array)]).
+Rule = tuple[tuple[int, ...], list[tuple[tuple, Callable[[np.ndarray], np.ndarray]]]]
+
+
+def _same(x):
+    return x
+
+
+def _t(x):
+    return x.T
+
+
+def target_rules(cfg: Config) -> tuple[dict[str, Rule], set[str]]:
+    """Rename table of a Gemma 4 text model (names without the `model.` / `model.language_model.`
+    prefix), and the names that may be present but are deliberately unused."""
+    D, N, L, P = cfg.hidden_size, cfg.num_heads, cfg.num_layers, cfg.ple_dim
+    rules: dict[str, Rule] = {
+        "embed_tokens.weight": ((cfg.vocab_size, D), [(("embed",), _same)]),
+        "norm.weight": ((D,), [(("final_norm",), _same)]),
+    }
+    ignorable = set()
+    if P:
+        Vp = cfg.ple_vocab_size
+        rules["embed_tokens_per_layer.weight"] = ((Vp, L * P), [(("ple", "embed"), lambda w: w.reshape(Vp, L, P))])
+        rules["per_layer_model_projection.weight"] = (
+            (L * P, D), [(("ple", "proj"), lambda w: w.reshape(L, P, D).transpose(2, 0, 1))])
+        rules["per_layer_projection_norm.weight"] = ((P,), [(("ple", "norm"), _same)])
+    for i, spec in enumerate(cfg.layers):
+        H, K, F = spec.head_dim, spec.num_kv_heads, spec.mlp_width
+        pre = f"layers.{i}."
+        lay = ("layers", i)
+        heads_in = lambda n, h=H: (lambda w: w.reshape(n, h, D).transpose(2, 0, 1))  # [n*H, D] -> [D, n, H]
+        add = {
+            "input_layernorm.weight": ((D,), [(lay + ("attn_norm",), _same)]),
+            "post_attention_layernorm.weight": ((D,), [(lay + ("post_attn_norm",), _same)]),
+            "pre_feedforward_layernorm.weight": ((D,), [(lay + ("pre_mlp_norm",), _same)]),
+            "post_feedforward_layernorm.weight": ((D,), [(lay + ("post_mlp_norm",), _same)]),
+            "layer_scalar": ((1,), [(lay + ("scalar",), _same)]),
+            "self_attn.q_proj.weight": ((N * H, D), [(lay + ("attn", "q"), heads_in(N))]),
+            "self_attn.q_norm.weight": ((H,), [(lay + ("attn", "q_norm"), _same)]),
+            "self_attn.o_proj.weight": ((D, N * H), [(lay + ("attn", "o"),
+                                                      lambda w, h=H: w.reshape(D, N, h).transpose(1, 2, 0))]),
+            "mlp.gate_proj.weight": ((F, D), [(lay + ("mlp", "gate"), _t)]),
+            "mlp.up_proj.weight": ((F, D), [(lay + ("mlp", "up"), _t)]),
+            "mlp.down_proj.weight": ((D, F), [(lay + ("mlp", "down"), _t)]),
+        }
+        if spec.owns_kv:
+            add["self_attn.k_proj.weight"] = ((K * H, D), [(lay + ("attn", "k"), heads_in(K))])
+            add["self_attn.k_norm.weight"] = ((H,), [(lay + ("attn", "k_norm"), _same)])
+            if spec.has_v:
+                add["self_attn.v_proj.weight"] = ((K * H, D), [(lay + ("attn", "v"), heads_in(K))])
+        else:  # Google's files carry unused k/v tensors on KV-shared layers; save_pretrained drops them
+            ignorable |= {pre + f"self_attn.{n}.weight" for n in ("k_proj", "v_proj", "k_norm", "v_norm")}
+        if cfg.moe:
+            E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+            add.update({
+                "router.proj.weight": ((E, D), [(lay + ("moe", "router"), _t)]),
+                "router.scale": ((D,), [(lay + ("moe", "router_scale"), _same)]),
+                "router.per_expert_scale": ((E,), [(lay + ("moe", "expert_scale"), _same)]),
+                "experts.gate_up_proj": ((E, 2 * Fe, D), [
+                    (lay + ("moe", "gate"), lambda w, f=Fe: w[:, :f].transpose(0, 2, 1)),
+                    (lay + ("moe", "up"), lambda w, f=Fe: w[:, f:].transpose(0, 2, 1))]),
+                "experts.down_proj": ((E, D, Fe), [(lay + ("moe", "down"), lambda w: w.transpose(0, 2, 1))]),
+                "pre_feedforward_layernorm_2.weight": ((D,), [(lay + ("moe", "pre_norm"), _same)]),
+                "post_feedforward_layernorm_1.weight": ((D,), [(lay + ("moe", "post_norm_dense"), _same)]),
+                "post_feedforward_layernorm_2.weight": ((D,), [(lay + ("moe", "post_norm_experts"), _same)]),
+            })
+        if P:
+            add.update({
+                "per_layer_input_gate.weight": ((P, D), [(lay + ("ple", "gate"), _t)]),
+                "per_layer_projection.weight": ((D, P), [(lay + ("ple", "proj"), _t)]),
+                "post_per_layer_input_norm.weight": ((D,), [(lay + ("ple", "norm"), _same)]),
+            })
+        rules.update({pre + k: v for k, v in add.items()})
+    return rules, ignorable
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value
+
+
+def convert(ckpt: Checkpoint, rules: dict[str, Rule], ignorable: set[str], prefix: str, skip: tuple[str, ...],
+            decl, shardings, dtype, where: str):
+    """Fills the declaration tree from `ckpt`. Names outside `prefix` must start with one of `skip`
+    (deliberately unused parts, e.g. vision/audio towers)."""
+    for name in ckpt.keys():
+        if name.startswith(prefix):
+            short = name[len(prefix):]
+            if short not in rules and short not in ignorable:
+                raise CheckpointError(f"{where}: unknown tensor {name!r}")
+        elif not name.startswith(skip):
+            raise CheckpointError(f"{where}: unknown tensor {name!r}")
+    missing = [prefix + k for k in rules if prefix + k not in ckpt.where]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    out = jax.tree.map(lambda p: None, decl, is_leaf=is_param)
+    out = _to_mutable(out)
+    for short, (hf_shape, targets) in rules.items():
+        name = prefix + short
+        if ckpt.shape(name) != hf_shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
+                                  f"expected {list(hf_shape)}")
+        raw = ckpt.read(name)
+        for path, fn in targets:
+            p: Param = _get(decl, path)
+            value = np.asarray(fn(raw)).astype(dtype)
+            assert value.shape == p.shape, (name, value.shape, p.shape)
+            _set(out, path, _place(value, _get(shardings, path) if shardings is not None else None))
+        del raw
+    return out
+
+
+def _to_mutable(tree):
+    if isinstance(tree, dict):
+        return {k: _to_mutable(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_to_mutable(v) for v in tree]
+    return tree
+
+
+def _place(value: np.ndarray, sharding):
+    if sharding is None:
+        return jax.device_put(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])

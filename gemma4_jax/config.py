@@ -1,0 +1,285 @@
+"""Model configuration: one frozen, hashable dataclass built from a Hugging Face config.json.
+
+This is the only module that knows Hugging Face's field names. Everything downstream reads the
+static per-layer plan (`Config.layers`), never re-deriving rules from raw fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+SLIDING, FULL = "sliding", "full"
+_HF_LAYER_TYPES = {"sliding_attention": SLIDING, "full_attention": FULL}
+
+# Defaults of transformers 5.23.0 for fields a hand-written config.json may leave out.
+_TEXT_DEFAULTS = {
+    "gemma4_text": dict(
+        vocab_size=262144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+        sliding_window=512, final_logit_softcapping=None, vocab_size_per_layer_input=262144,
+        hidden_size_per_layer_input=256, attention_k_eq_v=False, num_kv_shared_layers=0,
+        enable_moe_block=False, use_double_wide_mlp=False, max_position_embeddings=131072,
+    ),
+    "gemma4_unified_text": dict(
+        vocab_size=262144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+        sliding_window=1024, final_logit_softcapping=None, vocab_size_per_layer_input=0,
+        hidden_size_per_layer_input=0, attention_k_eq_v=False, num_kv_shared_layers=0,
+        enable_moe_block=False, use_double_wide_mlp=False, max_position_embeddings=262144,
+    ),
+}
+_WRAPPERS = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
+_DEFAULT_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6},
+}
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot interpret; the message names the file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    theta: float
+    fraction: float = 1.0  # share of frequency pairs that rotate ("proportional" RoPE)
+    factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Static plan of one decoder layer, derived once from the config."""
+
+    kind: str  # SLIDING or FULL
+    head_dim: int
+    num_kv_heads: int
+    kv_source: int  # -1: computes its own K/V; else the KV-shared layer's producer
+    mlp_width: int
+    has_v: bool  # False on k_eq_v full layers: V is the normed, unrotated k_proj output
+
+    @property
+    def owns_kv(self) -> bool:
+        return self.kv_source < 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    global_head_dim: int
+    num_global_kv_heads: int
+    layer_types: tuple[str, ...]
+    sliding_window: int
+    rope_sliding: Rope
+    rope_full: Rope
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float | None = None
+    num_kv_shared_layers: int = 0
+    k_eq_v: bool = False
+    double_wide_mlp: bool = False
+    ple_dim: int = 0  # per-layer-embedding width P (0: no PLE)
+    ple_vocab_size: int = 0
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    max_position_embeddings: int = 131072
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def first_shared_layer(self) -> int:
+        return self.num_layers - self.num_kv_shared_layers
+
+    @functools.cached_property
+    def layers(self) -> tuple[LayerSpec, ...]:
+        first = self.first_shared_layer
+        specs = []
+        for i, kind in enumerate(self.layer_types):
+            full = kind == FULL
+            shared = i >= first
+            specs.append(LayerSpec(
+                kind=kind,
+                head_dim=self.global_head_dim if full else self.head_dim,
+                num_kv_heads=self.num_global_kv_heads if full else self.num_kv_heads,
+                kv_source=self.kv_layers[kind] if shared else -1,
+                mlp_width=self.intermediate_size * (2 if (self.double_wide_mlp and shared) else 1),
+                has_v=not (self.k_eq_v and full) and not shared,
+            ))
+        return tuple(specs)
+
+    @functools.cached_property
+    def kv_layers(self) -> dict[str, int]:
+        """Per kind, the last layer that computes K/V: what KV-shared layers and the drafter read."""
+        first = self.first_shared_layer
+        return {t: max(i for i in range(first) if self.layer_types[i] == t) for t in set(self.layer_types)}
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 0
+
+    def validate(self, where: str = "config") -> "Config":
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"{where}: {msg}")
+
+        need(self.num_layers > 0, "num_hidden_layers must be positive")
+        need(set(self.layer_types) <= {SLIDING, FULL}, f"layer_types {self.layer_types}")
+        need(0 <= self.num_kv_shared_layers < self.num_layers,
+             f"num_kv_shared_layers={self.num_kv_shared_layers} must be in [0, {self.num_layers})")
+        need(set(self.layer_types[: self.first_shared_layer]) == set(self.layer_types),
+             "num_kv_shared_layers leaves a layer type with no layer that computes its K/V")
+        for name in ("num_kv_heads", "num_global_kv_heads"):
+            kv = getattr(self, name)
+            need(kv > 0 and self.num_heads % kv == 0,
+                 f"num_attention_heads={self.num_heads} is not a multiple of {name}={kv}")
+        need(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, "head dims must be even for RoPE")
+        need(self.sliding_window > 0, "sliding_window must be positive")
+        if self.moe:
+            need(0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0,
+                 "enable_moe_block needs num_experts >= top_k_experts > 0 and moe_intermediate_size > 0")
+        if self.ple_dim:
+            need(self.ple_vocab_size > 0, "hidden_size_per_layer_input > 0 needs vocab_size_per_layer_input > 0")
+        return self
+
+
+def _rope(params: dict, hf_type: str, where: str) -> Rope:
+    kind = params.get("rope_type", "default")
+    if kind not in ("default", "proportional"):
+        raise ConfigError(f"{where}: rope_parameters[{hf_type!r}].rope_type={kind!r} is not supported "
+                          "(supported: 'default', 'proportional')")
+    if "rope_theta" not in params:
+        raise ConfigError(f"{where}: rope_parameters[{hf_type!r}] has no rope_theta")
+    fraction = float(params.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0
+    factor = float(params.get("factor", 1.0)) if kind == "proportional" else 1.0
+    return Rope(theta=float(params["rope_theta"]), fraction=fraction, factor=factor)
+
+
+def text_config_dict(raw: dict, where: str) -> tuple[str, dict]:
+    """Returns (text model_type, text config dict) for a target checkpoint's config.json."""
+    model_type = raw.get("model_type")
+    if model_type in _WRAPPERS:
+        if not isinstance(raw.get("text_config"), dict):
+            raise ConfigError(f"{where}: model_type {model_type!r} needs a text_config object")
+        text = dict(raw["text_config"])
+        return text.get("model_type", _WRAPPERS[model_type]), text
+    if model_type in _TEXT_DEFAULTS:
+        return model_type, raw
+    raise ConfigError(f"{where}: unsupported model_type {model_type!r}; expected one of "
+                      f"{sorted(set(_WRAPPERS) | set(_TEXT_DEFAULTS))}")
+
+
+def from_hf_text(text: dict, model_type: str, where: str) -> Config:
+    """Builds a Config from a `gemma4_text` / `gemma4_unified_text` dict (HF field names)."""
+    if model_type not in _TEXT_DEFAULTS:
+        raise ConfigError(f"{where}: unsupported text model_type {model_type!r}")
+    c = {**_TEXT_DEFAULTS[model_type], **{k: v for k, v in text.items() if v is not None or k == "final_logit_softcapping"}}
+
+    act = c.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"{where}: hidden_activation={act!r} is not supported (only 'gelu_pytorch_tanh')")
+    if c.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true is not supported (Gemma 4 has no attention biases)")
+    if c.get("use_bidirectional_attention") == "all":
+        raise ConfigError(f"{where}: use_bidirectional_attention='all' is not supported (causal decoding only)")
+    if c.get("tie_word_embeddings") is False:
+        raise ConfigError(f"{where}: tie_word_embeddings=false is not supported (Gemma 4 ties its LM head)")
+
+    n_layers = int(c["num_hidden_layers"])
+    hf_types = c.get("layer_types")
+    if hf_types is None:
+        hf_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    hf_types = list(hf_types)
+    if len(hf_types) != n_layers:
+        raise ConfigError(f"{where}: layer_types has {len(hf_types)} entries but num_hidden_layers={n_layers}")
+    unknown = sorted(set(hf_types) - set(_HF_LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"{where}: unknown layer_types {unknown}")
+    hf_types[-1] = "full_attention"  # transformers forces the last layer to full attention
+    types = tuple(_HF_LAYER_TYPES[t] for t in hf_types)
+
+    head_dim, kv_heads = int(c["head_dim"]), int(c["num_key_value_heads"])
+    k_eq_v = bool(c["attention_k_eq_v"])
+    if "per_layer_config" in c:  # the form save_pretrained writes
+        overrides = {int(k): v for k, v in c["per_layer_config"].items()}
+        full_over = [overrides.get(i, {}) for i, t in enumerate(types) if t == FULL]
+        for i, t in enumerate(types):
+            if t == SLIDING and overrides.get(i):
+                raise ConfigError(f"{where}: per_layer_config overrides sliding layer {i}; not supported")
+        if any(o != full_over[0] for o in full_over):
+            raise ConfigError(f"{where}: per_layer_config differs between full-attention layers; not supported")
+        bad = set(full_over[0]) - {"head_dim", "num_key_value_heads"}
+        if bad:
+            raise ConfigError(f"{where}: per_layer_config field(s) {sorted(bad)} not supported")
+        global_head_dim = int(full_over[0].get("head_dim", head_dim))
+        global_kv = int(full_over[0].get("num_key_value_heads", kv_heads))
+    else:  # the form of the released config.json files
+        global_head_dim = int(c.get("global_head_dim", 512))
+        nkv = c.get("num_global_key_value_heads")
+        global_kv = int(nkv) if (k_eq_v and nkv is not None) else kv_heads
+
+    rope = c.get("rope_parameters") or _DEFAULT_ROPE
+    for t in ("sliding_attention", "full_attention"):
+        if t not in rope:
+            raise ConfigError(f"{where}: rope_parameters has no entry for {t!r}")
+
+    moe = bool(c.get("enable_moe_block", False))
+    ple = int(c.get("hidden_size_per_layer_input") or 0)
+    softcap = c.get("final_logit_softcapping")
+    cfg = Config(
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=int(c["hidden_size"]),
+        intermediate_size=int(c["intermediate_size"]),
+        num_heads=int(c["num_attention_heads"]),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        global_head_dim=global_head_dim,
+        num_global_kv_heads=global_kv,
+        layer_types=types,
+        sliding_window=int(c["sliding_window"]),
+        rope_sliding=_rope(rope["sliding_attention"], "sliding_attention", where),
+        rope_full=_rope(rope["full_attention"], "full_attention", where),
+        rms_norm_eps=float(c["rms_norm_eps"]),
+        final_logit_softcapping=float(softcap) if softcap else None,
+        num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
+        k_eq_v=k_eq_v,
+        double_wide_mlp=bool(c.get("use_double_wide_mlp", False)),
+        ple_dim=ple,
+        ple_vocab_size=int(c.get("vocab_size_per_layer_input") or 0) if ple else 0,
+        num_experts=int(c["num_experts"]) if moe else 0,
+        top_k_experts=int(c["top_k_experts"]) if moe else 0,
+        moe_intermediate_size=int(c["moe_intermediate_size"]) if moe else 0,
+        max_position_embeddings=int(c.get("max_position_embeddings", 131072)),
+    )
+    return cfg.validate(where)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(path: str) -> Config:
+    """Config of a target checkpoint directory (or a config.json path)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    raw = read_json(path)
+    try:
+        model_type, text = text_config_dict(raw, path)
+        return from_hf_text(text, model_type, path)
+    except KeyError as e:
+        raise ConfigError(f"{path}: missing field {e.args[0]!r}") from None
