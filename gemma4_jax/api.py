@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gemma4_jax import checkpoint, config as config_lib, model as model_lib, params as params_lib, sharding
+from gemma4_jax import checkpoint, config as config_lib, drafter as drafter_lib, model as model_lib
+from gemma4_jax import params as params_lib, sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Everything of a multimodal checkpoint that is not the text decoder: deliberately not loaded.
@@ -67,11 +68,23 @@ def _full_logits(params, cfg, tokens):
     return model_lib.logits(params, cfg, hidden)
 
 
-def load(path: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Model:
+@dataclasses.dataclass(frozen=True, eq=False)
+class Drafter:
+    """A loaded MTP drafter ("assistant" checkpoint); pass it to `generate(..., drafter=...)`."""
+
+    config: drafter_lib.DrafterConfig
+    params: dict
+    path: str | None = None
+    mesh: Mesh | None = None
+    generation_config: dict = dataclasses.field(default_factory=dict)
+
+
+def load(path: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Model | Drafter:
     """Loads a Hugging Face Gemma 4 checkpoint directory (config.json + safetensors).
 
-    Accepts Gemma4ForConditionalGeneration (text decoder only; vision/audio towers are skipped),
-    Gemma4ForCausalLM and the unified 12B model's text decoder. With `mesh`, each parameter is
+    Targets: Gemma4ForConditionalGeneration (text decoder only; vision/audio towers are skipped),
+    Gemma4ForCausalLM and the unified 12B model's text decoder -> `Model`. Drafters
+    (`gemma4_assistant`, `gemma4_unified_assistant`) -> `Drafter`. With `mesh`, each parameter is
     placed straight into its sharding (see sharding.RULES).
     """
     if not os.path.isdir(path):
@@ -79,14 +92,22 @@ def load(path: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Model:
     dt = resolve_dtype(dtype)
     cfg_path = os.path.join(path, "config.json")
     raw = config_lib.read_json(cfg_path)
-    cfg = config_lib.load_config(cfg_path)
     ckpt = checkpoint.Checkpoint(path)
-    prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in ckpt.keys()) else "model."
-    decl = params_lib.declare(cfg)
-    rules, ignorable = checkpoint.target_rules(cfg)
-    shardings = sharding.param_shardings(decl, mesh) if mesh is not None else None
-    skip = _NON_TEXT if raw.get("model_type") in ("gemma4", "gemma4_unified") else ("lm_head.",)
-    params = checkpoint.convert(ckpt, rules, ignorable, prefix, skip, decl, shardings, dt, where=path)
     gen_path = os.path.join(path, "generation_config.json")
     gen = config_lib.read_json(gen_path) if os.path.exists(gen_path) else {}
-    return Model(config=cfg, params=params, path=path, mesh=mesh, generation_config=gen)
+    if drafter_lib.is_drafter(raw):
+        dcfg = drafter_lib.drafter_config(raw, cfg_path)
+        decl = drafter_lib.declare(dcfg)
+        rules, ignorable = drafter_lib.rules(dcfg)
+        skip = ()
+    else:
+        dcfg = config_lib.load_config(cfg_path)
+        prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in ckpt.keys()) \
+            else "model."
+        decl = params_lib.declare(dcfg)
+        rules, ignorable = checkpoint.target_rules(dcfg, prefix)
+        skip = _NON_TEXT if raw.get("model_type") in ("gemma4", "gemma4_unified") else ("lm_head.",)
+    shardings = sharding.param_shardings(decl, mesh) if mesh is not None else None
+    params = checkpoint.convert(ckpt, rules, ignorable, skip, decl, shardings, dt, where=path)
+    cls = Drafter if isinstance(dcfg, drafter_lib.DrafterConfig) else Model
+    return cls(config=dcfg, params=params, path=path, mesh=mesh, generation_config=gen)

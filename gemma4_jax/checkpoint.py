@@ -42,27 +42,34 @@ class SafetensorsFile:
             with open(path, "rb") as f:
                 raw = f.read(8)
                 if len(raw) < 8:
-                    raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+                    raise CheckpointError(f"{path}: not a safetensors file, or truncated ({size} bytes, no header)")
                 (n,) = struct.unpack("<Q", raw)
                 if n > size - 8:
-                    raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+                    raise CheckpointError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, "
+                                          f"file of {size})")
                 header = json.loads(f.read(n))
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
         header.pop("__metadata__", None)
         self._base = 8 + n
         self.entries = header
         for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+            try:  # a malformed entry would otherwise surface as a KeyError/TypeError far from the file
+                dtype, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], \
+                    [int(o) for o in e["data_offsets"]]
+            except (TypeError, KeyError, ValueError):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
             if self._base + end > size:
                 raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {self._base + end}, "
                                       f"file has {size}")
-            if end - begin != int(np.prod(e["shape"])) * np.dtype(_DTYPES[e["dtype"]]).itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {e['shape']}")
+            if end - begin != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -85,9 +92,11 @@ class Checkpoint:
         if os.path.exists(index):
             try:
                 with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as e:
+                    weight_map = json.load(f).get("weight_map")
+            except (OSError, json.JSONDecodeError, AttributeError) as e:
                 raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: unreadable index (needs a 'weight_map' of tensor name -> file)")
             files = {}
             for shard in sorted(set(weight_map.values())):
                 path = os.path.join(directory, shard)
@@ -127,9 +136,9 @@ def _t(x):
     return x.T
 
 
-def target_rules(cfg: Config) -> tuple[dict[str, Rule], set[str]]:
-    """Rename table of a Gemma 4 text model (names without the `model.` / `model.language_model.`
-    prefix), and the names that may be present but are deliberately unused."""
+def target_rules(cfg: Config, prefix: str) -> tuple[dict[str, Rule], set[str]]:
+    """Rename table of a Gemma 4 text model whose tensor names start with `prefix` (`model.` or
+    `model.language_model.`), and the names that may be present but are deliberately unused."""
     D, N, L, P = cfg.hidden_size, cfg.num_heads, cfg.num_layers, cfg.ple_dim
     rules: dict[str, Rule] = {
         "embed_tokens.weight": ((cfg.vocab_size, D), [(("embed",), _same)]),
@@ -167,7 +176,7 @@ def target_rules(cfg: Config) -> tuple[dict[str, Rule], set[str]]:
             if spec.has_v:
                 add["self_attn.v_proj.weight"] = ((K * H, D), [(lay + ("attn", "v"), heads_in(K))])
         else:  # Google's files carry unused k/v tensors on KV-shared layers; save_pretrained drops them
-            ignorable |= {pre + f"self_attn.{n}.weight" for n in ("k_proj", "v_proj", "k_norm", "v_norm")}
+            ignorable |= {prefix + pre + f"self_attn.{n}.weight" for n in ("k_proj", "v_proj", "k_norm", "v_norm")}
         if cfg.moe:
             E, Fe = cfg.num_experts, cfg.moe_intermediate_size
             add.update({
@@ -189,7 +198,7 @@ def target_rules(cfg: Config) -> tuple[dict[str, Rule], set[str]]:
                 "post_per_layer_input_norm.weight": ((D,), [(lay + ("ple", "norm"), _same)]),
             })
         rules.update({pre + k: v for k, v in add.items()})
-    return rules, ignorable
+    return {prefix + k: v for k, v in rules.items()}, ignorable
 
 
 def _get(tree, path):
@@ -204,33 +213,28 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def convert(ckpt: Checkpoint, rules: dict[str, Rule], ignorable: set[str], prefix: str, skip: tuple[str, ...],
+def convert(ckpt: Checkpoint, rules: dict[str, Rule], ignorable: set[str], skip: tuple[str, ...],
             decl, shardings, dtype, where: str):
-    """Fills the declaration tree from `ckpt`. Names outside `prefix` must start with one of `skip`
-    (deliberately unused parts, e.g. vision/audio towers)."""
+    """Fills the declaration tree from `ckpt`. Every tensor must have a rule, be ignorable, or start
+    with one of the `skip` prefixes (deliberately unused parts, e.g. vision/audio towers)."""
     for name in ckpt.keys():
-        if name.startswith(prefix):
-            short = name[len(prefix):]
-            if short not in rules and short not in ignorable:
-                raise CheckpointError(f"{where}: unknown tensor {name!r}")
-        elif not name.startswith(skip):
+        if name not in rules and name not in ignorable and not name.startswith(skip):
             raise CheckpointError(f"{where}: unknown tensor {name!r}")
-    missing = [prefix + k for k in rules if prefix + k not in ckpt.where]
+    missing = [k for k in rules if k not in ckpt.where]
     if missing:
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}" +
                               (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     out = jax.tree.map(lambda p: None, decl, is_leaf=is_param)
     out = _to_mutable(out)
-    for short, (hf_shape, targets) in rules.items():
-        name = prefix + short
+    for name, (hf_shape, targets) in rules.items():
         if ckpt.shape(name) != hf_shape:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {list(ckpt.shape(name))}, "
                                   f"expected {list(hf_shape)}")
         raw = ckpt.read(name)
         for path, fn in targets:
             p: Param = _get(decl, path)
-            value = np.asarray(fn(raw)).astype(dtype)
+            value = np.asarray(fn(raw)).astype(p.dtype or dtype)
             assert value.shape == p.shape, (name, value.shape, p.shape)
             _set(out, path, _place(value, _get(shardings, path) if shardings is not None else None))
         del raw

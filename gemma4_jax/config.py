@@ -54,16 +54,17 @@ class Rope:
 class LayerSpec:
     """Static plan of one decoder layer, derived once from the config."""
 
+    index: int
     kind: str  # SLIDING or FULL
     head_dim: int
     num_kv_heads: int
-    kv_source: int  # -1: computes its own K/V; else the KV-shared layer's producer
+    kv_source: int  # layer whose K/V this layer attends to: itself, a producer (KV-shared), -1: the target's
     mlp_width: int
     has_v: bool  # False on k_eq_v full layers: V is the normed, unrotated k_proj output
 
     @property
     def owns_kv(self) -> bool:
-        return self.kv_source < 0
+        return self.kv_source == self.index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +109,11 @@ class Config:
             full = kind == FULL
             shared = i >= first
             specs.append(LayerSpec(
+                index=i,
                 kind=kind,
                 head_dim=self.global_head_dim if full else self.head_dim,
                 num_kv_heads=self.num_global_kv_heads if full else self.num_kv_heads,
-                kv_source=self.kv_layers[kind] if shared else -1,
+                kv_source=self.kv_layers.get(kind, -1) if shared else i,
                 mlp_width=self.intermediate_size * (2 if (self.double_wide_mlp and shared) else 1),
                 has_v=not (self.k_eq_v and full) and not shared,
             ))
@@ -119,9 +121,10 @@ class Config:
 
     @functools.cached_property
     def kv_layers(self) -> dict[str, int]:
-        """Per kind, the last layer that computes K/V: what KV-shared layers and the drafter read."""
+        """Per kind, the last layer that computes K/V: what KV-shared layers and the drafter read.
+        Empty for a drafter, whose layers all read the target's K/V."""
         first = self.first_shared_layer
-        return {t: max(i for i in range(first) if self.layer_types[i] == t) for t in set(self.layer_types)}
+        return {t: max(i for i in range(first) if self.layer_types[i] == t) for t in set(self.layer_types[:first])}
 
     @property
     def moe(self) -> bool:
@@ -136,10 +139,13 @@ class Config:
         need(set(self.layer_types) <= {SLIDING, FULL}, f"layer_types {self.layer_types}")
         need(0 <= self.num_kv_shared_layers < self.num_layers,
              f"num_kv_shared_layers={self.num_kv_shared_layers} must be in [0, {self.num_layers})")
-        need(set(self.layer_types[: self.first_shared_layer]) == set(self.layer_types),
-             "num_kv_shared_layers leaves a layer type with no layer that computes its K/V")
-        for name in ("num_kv_heads", "num_global_kv_heads"):
-            kv = getattr(self, name)
+        orphans = sorted(set(self.layer_types) - set(self.layer_types[: self.first_shared_layer]))
+        need(not orphans, f"num_kv_shared_layers={self.num_kv_shared_layers} leaves {orphans} layers with no "
+                          "earlier layer of their type that computes K/V")
+        # Named as in config.json: the full layers' KV heads come from num_global_key_value_heads
+        # (released form) or per_layer_config's num_key_value_heads (save_pretrained form).
+        for kv, name in ((self.num_kv_heads, "num_key_value_heads"),
+                         (self.num_global_kv_heads, "full-attention layers' num_global_key_value_heads")):
             need(kv > 0 and self.num_heads % kv == 0,
                  f"num_attention_heads={self.num_heads} is not a multiple of {name}={kv}")
         need(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, "head dims must be even for RoPE")
@@ -210,7 +216,13 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
     head_dim, kv_heads = int(c["head_dim"]), int(c["num_key_value_heads"])
     k_eq_v = bool(c["attention_k_eq_v"])
     if "per_layer_config" in c:  # the form save_pretrained writes
-        overrides = {int(k): v for k, v in c["per_layer_config"].items()}
+        try:
+            overrides = {int(k): dict(v) for k, v in c["per_layer_config"].items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ConfigError(f"{where}: per_layer_config must map layer indices to objects") from None
+        if not set(overrides) <= set(range(n_layers)):
+            raise ConfigError(f"{where}: per_layer_config names layers {sorted(set(overrides) - set(range(n_layers)))}"
+                              f" outside [0, {n_layers})")
         full_over = [overrides.get(i, {}) for i, t in enumerate(types) if t == FULL]
         for i, t in enumerate(types):
             if t == SLIDING and overrides.get(i):
@@ -232,8 +244,10 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
         if t not in rope:
             raise ConfigError(f"{where}: rope_parameters has no entry for {t!r}")
 
-    moe = bool(c.get("enable_moe_block", False))
-    ple = int(c.get("hidden_size_per_layer_input") or 0)
+    # The unified decoder has no PLE and no MoE code: transformers ignores such fields there, and so do we.
+    unified = model_type == "gemma4_unified_text"
+    moe = bool(c.get("enable_moe_block", False)) and not unified
+    ple = 0 if unified else int(c.get("hidden_size_per_layer_input") or 0)
     softcap = c.get("final_logit_softcapping")
     cfg = Config(
         vocab_size=int(c["vocab_size"]),

@@ -151,6 +151,31 @@ def _masks(cfg: Config, pos: jax.Array, cache: kv.KVCache | None) -> dict:
     return out
 
 
+def decoder_layer(p: dict, cfg: Config, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_parts,
+                  ple_i: jax.Array | None = None):
+    """One decoder layer (target or drafter). `kv_parts(h)` returns the attention parts
+    [(k, v, mask), ...] for the normed input h: the caller owns K/V production, caching and sharing."""
+    eps, a = cfg.rms_norm_eps, p["attn"]
+    residual = x
+    h = rms_norm(x, p["attn_norm"], eps)
+    q = apply_rope(rms_norm(jnp.einsum("BTD,DNH->BTNH", h, a["q"]), a["q_norm"], eps), cos, sin)
+    parts = kv_parts(h)
+    o = jnp.einsum("BTNH,NHD->BTD", attention(q, parts), a["o"])
+    x = residual + rms_norm(o, p["post_attn_norm"], eps)
+
+    residual = x
+    m = mlp(p["mlp"], rms_norm(x, p["pre_mlp_norm"], eps))
+    if p["moe"] is not None:
+        e = moe(p["moe"], cfg, residual)
+        m = rms_norm(m, p["moe"]["post_norm_dense"], eps) + rms_norm(e, p["moe"]["post_norm_experts"], eps)
+    x = residual + rms_norm(m, p["post_mlp_norm"], eps)
+
+    if ple_i is not None:
+        g = gelu(jnp.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple_i
+        x = x + rms_norm(jnp.einsum("BTP,PD->BTD", g, p["ple"]["proj"]), p["ple"]["norm"], eps)
+    return x * p["scalar"]  # layer_scalar scales the whole stream, residual included
+
+
 def forward(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache | None = None,
             num_new: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache | None]:
     """Runs the decoder over tokens [B, T] that follow what `cache` holds (or start a sequence when
@@ -163,47 +188,34 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache | No
     start = cache.length if cache is not None else jnp.zeros((B,), jnp.int32)
     pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     x = embed(params, cfg, tokens)
-    dtype = x.dtype
     ple = per_layer_inputs(params, cfg, tokens, x) if cfg.ple_dim else None
-    tables = {SLIDING: rope_tables(pos, cfg.head_dim, cfg.rope_sliding, dtype),
-              FULL: rope_tables(pos, cfg.global_head_dim, cfg.rope_full, dtype)}
+    tables = {SLIDING: rope_tables(pos, cfg.head_dim, cfg.rope_sliding, x.dtype),
+              FULL: rope_tables(pos, cfg.global_head_dim, cfg.rope_full, x.dtype)}
     masks = _masks(cfg, pos, cache)
     eps = cfg.rms_norm_eps
     new_k, new_v = [None] * cfg.num_layers, [None] * cfg.num_layers
 
     for i, spec in enumerate(cfg.layers):
-        p, a = params["layers"][i], params["layers"][i]["attn"]
-        with jax.named_scope(f"layer_{i}"):
-            residual = x
-            h = rms_norm(x, p["attn_norm"], eps)
-            cos, sin = tables[spec.kind]
-            q = apply_rope(rms_norm(jnp.einsum("BTD,DNH->BTNH", h, a["q"]), a["q_norm"], eps), cos, sin)
+        a = params["layers"][i]["attn"]
+        cos, sin = tables[spec.kind]
+        old_mask, new_mask = masks[spec.kind]
+
+        def kv_parts(h, i=i, spec=spec, a=a, cos=cos, sin=sin, old_mask=old_mask, new_mask=new_mask):
             if spec.owns_kv:
                 k_raw = jnp.einsum("BTD,DKH->BTKH", h, a["k"])
-                v_raw = jnp.einsum("BTD,DKH->BTKH", h, a["v"]) if spec.has_v else k_raw  # k_eq_v: V from k_proj, unrotated
+                # k_eq_v full layers: V is the k_proj output, normed without weight and not rotated.
+                v_raw = jnp.einsum("BTD,DKH->BTKH", h, a["v"]) if spec.has_v else k_raw
                 new_k[i] = apply_rope(rms_norm(k_raw, a["k_norm"], eps), cos, sin)
                 new_v[i] = rms_norm(v_raw, None, eps)  # v_norm has no weight
-                src = i
-            else:
-                src = spec.kv_source
-            old_mask, new_mask = masks[spec.kind]
+            src = spec.kv_source
             parts = [(new_k[src], new_v[src], new_mask)]
             if cache is not None:
                 parts.insert(0, (cache.k[src], cache.v[src], old_mask))
-            o = jnp.einsum("BTNH,NHD->BTD", attention(q, parts), a["o"])
-            x = residual + rms_norm(o, p["post_attn_norm"], eps)
+            return parts
 
-            residual = x
-            m = mlp(p["mlp"], rms_norm(x, p["pre_mlp_norm"], eps))
-            if p["moe"] is not None:
-                e = moe(p["moe"], cfg, residual)
-                m = rms_norm(m, p["moe"]["post_norm_dense"], eps) + rms_norm(e, p["moe"]["post_norm_experts"], eps)
-            x = residual + rms_norm(m, p["post_mlp_norm"], eps)
-
-            if ple is not None:
-                g = gelu(jnp.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple[:, :, i]
-                x = x + rms_norm(jnp.einsum("BTP,PD->BTD", g, p["ple"]["proj"]), p["ple"]["norm"], eps)
-            x = x * p["scalar"]  # layer_scalar scales the whole stream, residual included
+        with jax.named_scope(f"layer_{i}"):
+            x = decoder_layer(params["layers"][i], cfg, x, cos, sin, kv_parts,
+                                 ple[:, :, i] if ple is not None else None)
 
     hidden = rms_norm(x, params["final_norm"], eps)
     if cache is not None:

@@ -19,7 +19,8 @@ from gemma4_jax.config import Config
 class Param:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dimension
-    init: str = "normal"  # "normal" (std 0.02) | "ones"
+    init: str = "normal"  # "normal" (std 0.02) | "ones" | "arange"
+    dtype: str | None = None  # None: the model's dtype; e.g. "int32" for index tables
 
     def __post_init__(self):
         assert len(self.shape) == len(self.axes), (self.shape, self.axes)
@@ -95,7 +96,7 @@ def declare(cfg: Config) -> dict:
 
 def abstract(decl, dtype=jnp.bfloat16):
     """ShapeDtypeStructs for a declaration tree (no allocation)."""
-    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)), decl, is_leaf=is_param)
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.dtype(p.dtype or dtype)), decl, is_leaf=is_param)
 
 
 def init(decl, key: jax.Array, dtype=jnp.float32):
@@ -104,9 +105,12 @@ def init(decl, key: jax.Array, dtype=jnp.float32):
     keys = jax.random.split(key, len(leaves))
 
     def one(p: Param, k):
+        dt = jnp.dtype(p.dtype or dtype)
         if p.init == "ones":
-            return jnp.ones(p.shape, dtype)
-        return (0.02 * jax.random.normal(k, p.shape, jnp.float32)).astype(dtype)
+            return jnp.ones(p.shape, dt)
+        if p.init == "arange":
+            return jnp.arange(p.shape[0], dtype=dt)
+        return (0.02 * jax.random.normal(k, p.shape, jnp.float32)).astype(dt)
 
     return treedef.unflatten([one(p, k) for p, k in zip(leaves, keys)])
 

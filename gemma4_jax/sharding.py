@@ -46,11 +46,17 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
 
 
 def spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """The PartitionSpec the rules give a tensor of `shape` with logical `axes` on `mesh`."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} has {len(shape)} dimensions but {len(axes)} logical axes {axes}")
     out = []
     for size, name in zip(shape, axes):
-        mesh_axis = rules.get(name) if name else None
-        if mesh_axis is not None and size % mesh.shape[mesh_axis] != 0:
-            mesh_axis = None  # does not divide: replicate this dimension on purpose
+        if name is not None and name not in rules:
+            # A misspelt name would otherwise replicate silently.
+            raise ValueError(f"logical axis {name!r} has no sharding rule; add it to RULES (None replicates)")
+        mesh_axis = rules[name] if name is not None else None
+        if mesh_axis is not None and (size % mesh.shape[mesh_axis] != 0 or mesh_axis in out):
+            mesh_axis = None  # does not divide (or the mesh axis is taken): replicate this dimension on purpose
         out.append(mesh_axis)
     return PartitionSpec(*out)
 

@@ -84,3 +84,55 @@ def reference_logits(model, tokens) -> "np.ndarray":
     ids = torch.as_tensor(tokens, dtype=torch.long)
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
     return out.logits.float().numpy()
+
+
+DRAFTER_BASE = dict(
+    vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    head_dim=16, global_head_dim=32, sliding_window=8, layer_types=[S, S, S, F], rms_norm_eps=1e-6,
+    hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=4,
+    initializer_range=0.05,
+)
+# The drafter's KV-head counts must match its target's store layers.
+DRAFTER_KV = {
+    "e2b": dict(num_key_value_heads=1),
+    "e4b": dict(num_key_value_heads=2),
+    "moe": dict(num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1),
+    "dense": dict(num_key_value_heads=2, attention_k_eq_v=True, num_global_key_value_heads=1),
+}
+
+
+def patch_all_reuse_drafter():
+    """transformers 5.23.0 cannot build a drafter: `kv_sharing_modes` raises when every layer is
+    KV-shared. The intended behaviour is that every drafter layer reuses the target's K/V."""
+    from transformers import Gemma4TextConfig
+
+    original = Gemma4TextConfig.kv_sharing_modes
+    if getattr(original.fget, "patched", False):
+        return
+
+    def kv_sharing_modes(self):
+        if self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original.fget(self)
+
+    kv_sharing_modes.patched = True
+
+    Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+
+
+def assistant(target: str, seed: int = 0, ordered: bool = True, **over):
+    """A Gemma4AssistantForCausalLM for the tiny `target`, randomized like the targets."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    patch_all_reuse_drafter()
+    torch.manual_seed(seed)
+    text = Gemma4TextConfig(**{**DRAFTER_BASE, **DRAFTER_KV[target], **over})
+    cfg = Gemma4AssistantConfig(text_config=text.to_dict(), backbone_hidden_size=BASE["hidden_size"],
+                                use_ordered_embeddings=ordered, num_centroids=16, centroid_intermediate_top_k=4)
+    model = Gemma4AssistantForCausalLM(cfg).eval()
+    randomize(model, seed)
+    if ordered:
+        g = torch.Generator().manual_seed(seed)
+        model.masked_embedding.token_ordering.copy_(torch.randperm(cfg.text_config.vocab_size, generator=g))
+    model.generation_config.num_assistant_tokens = 4
+    return model

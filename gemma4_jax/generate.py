@@ -1,0 +1,248 @@
+"""Generation: prefill and the whole speculative decoding loop in one jit-compiled function.
+
+  prefill the prompts -> first token
+  lax.while_loop, per step:
+    draft K tokens (a scan over drafter steps, or any Proposer)
+    verify [last token, drafts] in one target pass (K+1 positions)
+    accept per row (greedy prefix match, or exact speculative sampling), + one target token
+    scatter the new tokens into the preallocated output, roll the cache back by what was rejected
+The host only pads prompts into length buckets and reads the output buffer at the end.
+Without a drafter the same loop runs with K = 0: plain decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax import cache as kv
+from gemma4_jax import drafter as drafter_lib
+from gemma4_jax import model, sampling, sharding
+from gemma4_jax.config import Config
+from gemma4_jax.sampling import Warp
+
+# Draft length per target from public tuning (vLLM / HF user reports), keyed by target width.
+DEFAULT_DRAFT_TOKENS = {1536: 2, 2560: 4, 2816: 4, 5376: 6}
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftContext:
+    """What a proposer may read (traced values inside the compiled loop)."""
+
+    target_params: dict
+    target_cfg: Config
+    cache: kv.KVCache
+    last: jax.Array  # [B] the token the target sees next, at position `pos`
+    hidden: jax.Array  # [B, D] target post-norm hidden state that produced `last`
+    pos: jax.Array  # [B]
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposer:
+    """Draft proposals. `fn(params, ctx, key, K, warp)` returns (tokens [B, K] int32, q [B, K, V]
+    float32: the distribution each draft was drawn from; may be anything when warp is greedy).
+    `fn` must be hashable by value (it is a static argument of the compiled loop)."""
+
+    fn: Callable
+    params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterProposals:
+    dcfg: drafter_lib.DrafterConfig
+
+    def __call__(self, dparams, ctx: DraftContext, key, K: int, warp: Warp):
+        views = drafter_lib.target_kv(ctx.target_cfg, ctx.cache)
+
+        def one(carry, k):
+            tok, h = carry
+            x = jnp.concatenate([model.embed(ctx.target_params, ctx.target_cfg, tok[:, None]),
+                                 h[:, None].astype(ctx.hidden.dtype)], axis=-1)
+            logits, h = drafter_lib.step(dparams, self.dcfg, x, ctx.pos, views)
+            q = jnp.zeros((0,), jnp.float32) if warp.greedy else warp.probs(logits[:, 0])
+            d = jnp.argmax(logits[:, 0], -1).astype(jnp.int32) if warp.greedy else sampling.sample(k, q)
+            return (d, h[:, 0]), (d, q)
+
+        _, (tokens, q) = jax.lax.scan(one, (ctx.last, ctx.hidden), jax.random.split(key, K))
+        return tokens.T, (q if warp.greedy else jnp.swapaxes(q, 0, 1))
+
+
+@flax.struct.dataclass
+class State:
+    cache: kv.KVCache
+    last: jax.Array  # [B]
+    hidden: jax.Array  # [B, D]
+    out: jax.Array  # [B, N] new tokens (-1 past out_len)
+    out_len: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    key: jax.Array
+    steps: jax.Array  # [B] verify steps while active
+    accepted: jax.Array  # [B] accepted drafts
+    histogram: jax.Array  # [B, K+1] accepted-draft counts per step
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[list[int]]
+    stats: dict
+
+
+def _is_stop(tokens: jax.Array, stop: tuple[int, ...]) -> jax.Array:
+    if not stop:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.any(tokens[..., None] == jnp.asarray(stop, jnp.int32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "propose", "K", "warp", "stop", "out_size", "max_len"))
+def _generate(params, prop_params, tokens, lengths, max_new, key, *, cfg: Config, propose, K: int,
+              warp: Warp, stop: tuple[int, ...], out_size: int, max_len: int):
+    B = tokens.shape[0]
+    cache = kv.init(cfg, B, max_len, block=K + 1, dtype=params["embed"].dtype)
+    hidden, cache = model.forward(params, cfg, tokens, cache, lengths)
+    h_last = hidden[jnp.arange(B), lengths - 1]
+    key, k0 = jax.random.split(key)
+    first = sampling.select(k0, warp, model.logits(params, cfg, h_last[:, None])[:, 0])
+    out = jnp.full((B, out_size), -1, jnp.int32).at[:, 0].set(first)
+    zeros = jnp.zeros((B,), jnp.int32)
+    state = State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
+                  done=_is_stop(first, stop) | (max_new <= 1), key=key, steps=zeros, accepted=zeros,
+                  histogram=jnp.zeros((B, K + 1), jnp.int32))
+    rows, j = jnp.arange(B), jnp.arange(K + 1)[None, :]
+
+    def body(s: State) -> State:
+        key, k_draft, k_accept = jax.random.split(s.key, 3)
+        active = ~s.done
+        if K:
+            ctx = DraftContext(params, cfg, s.cache, s.last, s.hidden, s.cache.length)
+            drafts, q = propose(prop_params, ctx, k_draft, K, warp)
+            block = jnp.concatenate([s.last[:, None], drafts], axis=1)
+        else:
+            drafts, q, block = jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0, cfg.vocab_size)), s.last[:, None]
+        hid, cache = model.forward(params, cfg, block, s.cache, jnp.where(active, K + 1, 0))
+        lg = model.logits(params, cfg, hid)
+        if warp.greedy:
+            a, nxt = sampling.accept_greedy(drafts, lg)
+        else:
+            a, nxt = sampling.accept_sampled(k_accept, drafts, q, warp.probs(lg))
+        # New tokens of this step: the accepted drafts, then the target's token.
+        emit = jnp.where(j < a[:, None], jnp.concatenate([drafts, zeros[:, None]], axis=1), nxt[:, None])
+        n = a + 1
+        stops = _is_stop(emit, stop) & (j < n[:, None])
+        hit = jnp.any(stops, axis=1)
+        n = jnp.where(hit, jnp.argmax(stops, axis=1) + 1, n)
+        n = jnp.where(active, jnp.minimum(n, max_new - s.out_len), 0)
+        slots = jnp.where(j < n[:, None], s.out_len[:, None] + j, out_size)
+        out = s.out.at[rows[:, None], slots].set(emit, mode="drop")
+        cache = kv.rollback(cache, jnp.where(active, K - a, 0))  # keep [last, accepted drafts]
+        out_len = s.out_len + n
+        done = s.done | hit | (out_len >= max_new) | (cache.length + K + 1 > max_len)
+        return State(cache=cache, last=nxt, hidden=hid[rows, a], out=out, out_len=out_len, done=done, key=key,
+                     steps=s.steps + active, accepted=s.accepted + jnp.where(active, jnp.minimum(a, n), 0),
+                     histogram=s.histogram.at[rows, a].add(active.astype(jnp.int32)))
+
+    s = jax.lax.while_loop(lambda s: jnp.any(~s.done), body, state)
+    return s.out, s.out_len, s.steps, s.accepted, s.histogram
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
+
+
+def _stop_tokens(model_obj, stop_tokens) -> tuple[int, ...]:
+    if stop_tokens is None:
+        eos = model_obj.generation_config.get("eos_token_id", [])
+        stop_tokens = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(sorted({int(t) for t in stop_tokens}))
+
+
+def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_new_tokens: int,
+             num_draft_tokens: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] | None = None) -> Result:
+    """Generates up to `max_new_tokens` tokens for each prompt (a list of token-id lists).
+
+    With a `drafter` (a loaded assistant checkpoint, or a `Proposer`), decoding is speculative and
+    lossless: greedy output equals plain greedy output, and sampling is exact speculative sampling
+    (the output distribution equals sampling from the target). Without one, plain decoding.
+    Returns `Result(tokens, stats)`: per row the new tokens (ending with the stop token when one
+    was produced) and telemetry (`new_tokens`, `verify_steps`, `accepted_drafts`,
+    `mean_tokens_per_step`, `accept_histogram`, `seconds`, `tokens_per_second`, `rows`).
+    """
+    cfg: Config = model_obj.config
+    warp = Warp(float(temperature), top_k, top_p)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one token (e.g. <bos>)")
+        bad = [t for t in p if not (isinstance(t, (int, np.integer)) and 0 <= t < cfg.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {cfg.vocab_size})")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+    propose, prop_params, K = None, None, 0
+    if drafter is not None:
+        if isinstance(drafter, Proposer):
+            propose, prop_params = drafter.fn, drafter.params
+            default_k = 4
+        else:
+            drafter_lib.check_compatible(drafter.config, cfg, where=drafter.path or "drafter")
+            propose, prop_params = DrafterProposals(drafter.config), drafter.params
+            default_k = drafter.generation_config.get("num_assistant_tokens") or 4
+        K = num_draft_tokens if num_draft_tokens is not None else DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, default_k)
+        if not isinstance(K, (int, np.integer)) or K < 1:
+            raise ValueError(f"num_draft_tokens must be a positive integer, got {K!r}")
+        K = int(K)
+
+    B, T = len(prompts), _bucket(longest)
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    out_size = _bucket(max_new_tokens)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    if model_obj.mesh is not None:
+        tokens = jax.device_put(tokens, sharding.batch_sharding(model_obj.mesh, tokens.shape))
+        lengths = jax.device_put(lengths, sharding.batch_sharding(model_obj.mesh, lengths.shape))
+
+    start = time.perf_counter()
+    out, out_len, steps, accepted, hist = jax.device_get(_generate(
+        model_obj.params, prop_params, tokens, lengths, jnp.int32(max_new_tokens), jax.random.key(seed),
+        cfg=cfg, propose=propose, K=K, warp=warp, stop=_stop_tokens(model_obj, stop_tokens),
+        out_size=out_size, max_len=T + out_size + K + 1))
+    seconds = time.perf_counter() - start
+    rows = [out[i, : out_len[i]].tolist() for i in range(B)]
+    return Result(tokens=rows, stats=_stats(out_len, steps, accepted, hist, seconds))
+
+
+def _summary(new, steps, accepted, hist, seconds):
+    return {
+        "new_tokens": int(new),
+        "verify_steps": int(steps),
+        "accepted_drafts": int(accepted),
+        # the first token comes from the prefill; each verify step yields the rest
+        "mean_tokens_per_step": float((new - 1) / steps) if steps else 0.0,
+        "accept_histogram": [int(h) for h in hist],
+        "seconds": seconds,
+        "tokens_per_second": float(new / seconds) if seconds > 0 else 0.0,
+    }
+
+
+def _stats(out_len, steps, accepted, hist, seconds) -> dict:
+    total = _summary(out_len.sum(), steps.sum(), accepted.sum(), hist.sum(0), seconds)
+    total["mean_tokens_per_step"] = float((out_len.sum() - len(out_len)) / steps.sum()) if steps.sum() else 0.0
+    total["rows"] = [_summary(out_len[i], steps[i], accepted[i], hist[i], seconds) for i in range(len(out_len))]
+    return total

@@ -1,0 +1,86 @@
+"""Token selection: greedy, temperature / top-k / top-p, and the speculative acceptance rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Warp:
+    """How logits become a distribution (static under jit). temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        """fp32 probabilities [..., V]: temperature, then top-k, then top-p (the reference's order)."""
+        x = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None and self.top_k < x.shape[-1]:
+            kth = jax.lax.top_k(x, self.top_k)[0][..., -1:]
+            x = jnp.where(x >= kth, x, -jnp.inf)
+        p = jax.nn.softmax(x, axis=-1)
+        if self.top_p is not None and self.top_p < 1:
+            desc = -jnp.sort(-p, axis=-1)
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+            keep = (jnp.cumsum(desc, axis=-1) - desc) < self.top_p
+            cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+            p = jnp.where(p >= cutoff, p, 0.0)
+            p = p / jnp.sum(p, axis=-1, keepdims=True)
+        return p
+
+
+def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """One token per row from probabilities [..., V]."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def select(key: jax.Array, warp: Warp, logits: jax.Array) -> jax.Array:
+    if warp.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample(key, warp.probs(logits))
+
+
+def accept_greedy(drafts: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """drafts [B, K], target logits [B, K+1, V] -> (accepted count a [B], next token [B]): the longest
+    prefix of drafts equal to the target's argmax, then the target's token after it."""
+    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    K = drafts.shape[1]
+    a = jnp.sum(jnp.cumprod(drafts == target[:, :K], axis=1), axis=1)
+    return a, jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]
+
+
+def accept_sampled(key: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact speculative sampling (Leviathan et al., Chen et al.). drafts [B, K] were sampled from the
+    drafter's warped q [B, K, V]; p [B, K+1, V] is the target's warped distribution. Draft j is
+    accepted with probability min(1, p/q); at the first rejection the token comes from
+    normalize(max(p - q, 0)); when all K are accepted, a bonus token from p. The output is then
+    distributed exactly as sampling from the target."""
+    B, K = drafts.shape
+    k_accept, k_token = jax.random.split(key)
+    pd = jnp.take_along_axis(p[:, :K], drafts[..., None], axis=-1)[..., 0]
+    qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(k_accept, (B, K))
+    a = jnp.sum(jnp.cumprod(u * qd < pd, axis=1), axis=1)  # u < p/q without dividing by q
+    rows = jnp.arange(B)
+    p_a = p[rows, a]
+    q_a = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)[rows, a]  # q = 0 past the drafts: bonus ~ p
+    resid = jnp.maximum(p_a - q_a, 0.0)
+    mass = jnp.sum(resid, axis=-1, keepdims=True)
+    resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p_a)
+    return a, sample(k_token, resid)
