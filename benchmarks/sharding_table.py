@@ -5,7 +5,7 @@ bf16 bytes. Shapes only (jax.eval_shape): nothing is allocated, so it runs on an
   python benchmarks/sharding_table.py gemma-4-E2B-it --mesh 2x4 --full
 
 A bare name is looked up in tests/fixtures/configs/. Layers with the same layout are folded into one
-row (`layers[0-58:6]` = layers 0, 6, ..., 58) unless --full. Fake CPU devices are created when the
+row (`layers[full]`, `layers[*]`, `layers[0-14]`) unless --full. Fake CPU devices are created when the
 machine has fewer devices than the mesh needs (only the mesh's shape matters here).
 """
 
@@ -17,12 +17,13 @@ import os
 import re
 import sys
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "configs")
+FIXTURES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../tests/fixtures/configs"))
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="a config.json path, or a name in tests/fixtures/configs (e.g. gemma-4-31B-it)")
+    ap.add_argument("config", help="a config.json (or its directory), or a name in tests/fixtures/configs "
+                                   "(e.g. gemma-4-31B-it)")
     ap.add_argument("--mesh", default="1x8", help="DATAxMODEL, e.g. 1x8, 2x4 (default 1x8)")
     ap.add_argument("--full", action="store_true", help="one row per parameter, no folding of layers")
     args = ap.parse_args(argv)
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     if not os.path.exists(path):
         named = os.path.join(FIXTURES, path if path.endswith(".json") else path + ".json")
         if not os.path.exists(named):
-            have = sorted(f[:-5] for f in os.listdir(FIXTURES)) if os.path.isdir(FIXTURES) else []
+            have = sorted(f[:-5] for f in os.listdir(FIXTURES) if f.endswith(".json")) if os.path.isdir(FIXTURES) \
+                else []
             ap.error(f"{path}: no such file, nor a fixture name (have: {', '.join(have) or 'none'})")
         path = named
     if os.path.isdir(path):
@@ -57,29 +59,47 @@ def fmt_bytes(n: float) -> str:
         n /= 1024
 
 
-def fold(rows):
-    """Merges rows that differ only in their layer index: (path, count, ...) with ranges for layers."""
+def fold(rows, kinds: tuple[str, ...]):
+    """Merges rows that differ only in their layer index into (path, count, ...); the layer set is
+    named by kind (`layers[sliding]`), `*` for all, or spelt as ranges."""
+    named = {tuple(range(len(kinds))): "*"}
+    for kind in sorted(set(kinds)):
+        named.setdefault(tuple(i for i, k in enumerate(kinds) if k == kind), kind)
     groups: dict[tuple, list[int]] = {}
     for path, *rest in rows:
         m = re.match(r"\['layers'\]\[(\d+)\](.*)", path)
-        key = ("['layers'][*]" + m[2], *rest) if m else (path, *rest)
+        key = ("['layers'][#]" + m[2], *rest) if m else (path, *rest)
         groups.setdefault(key, []).append(int(m[1]) if m else -1)
     out = []
     for (path, *rest), idx in groups.items():
         if idx[0] >= 0:
-            path = path.replace("[*]", f"[{ranges(idx)}]")
+            path = path.replace("[#]", f"[{named.get(tuple(idx)) or ranges(idx)}]")
         out.append((path, len(idx), *rest))
     return out
 
 
 def ranges(idx: list[int]) -> str:
-    """[0, 6, 12] -> '0-12:6'; [3] -> '3'; irregular lists are spelt out."""
-    if len(idx) == 1:
-        return str(idx[0])
-    step = idx[1] - idx[0]
-    if all(b - a == step for a, b in zip(idx, idx[1:])):
-        return f"{idx[0]}-{idx[-1]}" + (f":{step}" if step != 1 else "")
-    return ",".join(map(str, idx))
+    """[0, 1, 2, 4, 7, 8] -> '0-2,4,7-8'."""
+    runs, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            runs.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(runs)
+
+
+def print_table(head, rows, right=frozenset()):
+    """A Markdown table, padded to line up in a terminal too."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(line(head))
+    print("|" + "|".join("-" * (w + 1) + ":" if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
+    for r in rows:
+        print(line(r))
 
 
 def main(argv=None) -> int:
@@ -114,7 +134,7 @@ def main(argv=None) -> int:
 
     flat_decl = jax.tree_util.tree_flatten_with_path(decl, is_leaf=params_lib.is_param)[0]
     rows, total, per_device, replicated_on_purpose = [], 0, 0, 0
-    for (path, p), (where, shape, ps), a in zip(flat_decl, sharding.describe(decl, mesh), jax.tree.leaves(abstract)):
+    for (_, p), (where, shape, ps), a in zip(flat_decl, sharding.describe(decl, mesh), jax.tree.leaves(abstract)):
         ps = tuple(ps) + (None,) * (len(shape) - len(ps))
         local = sharding.shard_bytes(p, mesh, item)
         # Cross-check the rules' arithmetic against the sharding XLA itself would use.
@@ -129,24 +149,15 @@ def main(argv=None) -> int:
         spec = "(" + ", ".join(ax or "-" for ax in ps) + ")"
         rows.append((where, shape, axes, spec, " ".join(dropped), local))
 
-    if not args.full:
-        table = [(path, n, shape, axes, spec, dropped, b, b * n) for path, n, shape, axes, spec, dropped, b in fold(rows)]
-    else:
-        table = [(path, 1, shape, axes, spec, dropped, b, b) for path, shape, axes, spec, dropped, b in rows]
-
-    name = os.path.basename(args.config)
-    print(f"# {name} on a {args.data}x{args.model} (data x model) mesh, bf16, rules: "
+    rows = fold(rows, cfg.layer_types) if not args.full else [(r[0], 1, *r[1:]) for r in rows]
+    print(f"# {os.path.basename(args.config)} on a {args.data}x{args.model} (data x model) mesh, bf16; rules: "
           + ", ".join(f"{k}->{v or '-'}" for k, v in sharding.RULES.items()))
     print()
-    head = ("parameter", "n", "shape", "logical axes", "mesh axes", "replicated: no divide", "per device", "x n")
-    cells = [head] + [(path, str(n), "x".join(map(str, shape)), axes, spec, dropped or "", fmt_bytes(b), fmt_bytes(bn))
-                      for path, n, shape, axes, spec, dropped, b, bn in table]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    right = {1, 6, 7}
-    for j, r in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
-        if j == 0:
-            print("|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+    print_table(("parameter", "n", "shape", "logical axes", "mesh axes", "replicated: does not divide",
+                 "per device", "x n"),
+                [(path, str(n), "x".join(map(str, shape)), axes, spec, dropped, fmt_bytes(b), fmt_bytes(b * n))
+                 for path, n, shape, axes, spec, dropped, b in rows],
+                right={1, 6, 7})
     print()
     print(f"parameters: {params_lib.count(decl):,} ({fmt_bytes(total)} in bf16)")
     print(f"per device: {fmt_bytes(per_device)} in bf16 ({per_device / total:.1%} of the model; "

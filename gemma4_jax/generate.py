@@ -106,7 +106,7 @@ def _generate(params, prop_params, tokens, lengths, max_new, key, *, cfg: Config
               warp: Warp, stop: tuple[int, ...], out_size: int, max_len: int):
     B = tokens.shape[0]
     cache = kv.init(cfg, B, max_len, block=K + 1, dtype=params["embed"].dtype)
-    hidden, cache = model.forward(params, cfg, tokens, cache, lengths)
+    hidden, cache = model.prefill(params, cfg, tokens, cache, lengths)
     h_last = hidden[jnp.arange(B), lengths - 1]
     key, k0 = jax.random.split(key)
     first = sampling.select(k0, warp, model.logits(params, cfg, h_last[:, None])[:, 0])
@@ -144,9 +144,10 @@ def _generate(params, prop_params, tokens, lengths, max_new, key, *, cfg: Config
         cache = kv.rollback(cache, jnp.where(active, K - a, 0))  # keep [last, accepted drafts]
         out_len = s.out_len + n
         done = s.done | hit | (out_len >= max_new) | (cache.length + K + 1 > max_len)
+        kept = jnp.minimum(a, n)  # accepted drafts that were emitted (a stop or the budget may cut)
         return State(cache=cache, last=nxt, hidden=hid[rows, a], out=out, out_len=out_len, done=done, key=key,
-                     steps=s.steps + active, accepted=s.accepted + jnp.where(active, jnp.minimum(a, n), 0),
-                     histogram=s.histogram.at[rows, a].add(active.astype(jnp.int32)))
+                     steps=s.steps + active, accepted=s.accepted + jnp.where(active, kept, 0),
+                     histogram=s.histogram.at[rows, kept].add(active.astype(jnp.int32)))
 
     s = jax.lax.while_loop(lambda s: jnp.any(~s.done), body, state)
     return s.out, s.out_len, s.steps, s.accepted, s.histogram
@@ -177,15 +178,20 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
     """
     cfg: Config = model_obj.config
     warp = Warp(float(temperature), top_k, top_p)
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not sampling.is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if num_draft_tokens is not None and (not sampling.is_int(num_draft_tokens) or num_draft_tokens < 1):
+        raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: generation needs at least one token (e.g. <bos>)")
-        bad = [t for t in p if not (isinstance(t, (int, np.integer)) and 0 <= t < cfg.vocab_size)]
+        not_int = [t for t in p if not sampling.is_int(t)]
+        if not_int:
+            raise ValueError(f"prompt {i}: token ids must be integers, got {not_int[0]!r}")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]!r} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(map(len, prompts))
@@ -202,10 +208,8 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
             drafter_lib.check_compatible(drafter.config, cfg, where=drafter.path or "drafter")
             propose, prop_params = DrafterProposals(drafter.config), drafter.params
             default_k = drafter.generation_config.get("num_assistant_tokens") or 4
-        K = num_draft_tokens if num_draft_tokens is not None else DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, default_k)
-        if not isinstance(K, (int, np.integer)) or K < 1:
-            raise ValueError(f"num_draft_tokens must be a positive integer, got {K!r}")
-        K = int(K)
+        K = int(num_draft_tokens if num_draft_tokens is not None
+                else DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, default_k))
 
     B, T = len(prompts), _bucket(longest)
     tokens = np.zeros((B, T), np.int32)

@@ -176,22 +176,14 @@ def decoder_layer(p: dict, cfg: Config, x: jax.Array, cos: jax.Array, sin: jax.A
     return x * p["scalar"]  # layer_scalar scales the whole stream, residual included
 
 
-def forward(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache | None = None,
-            num_new: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache | None]:
-    """Runs the decoder over tokens [B, T] that follow what `cache` holds (or start a sequence when
-    `cache` is None). Returns the post-final-norm hidden states [B, T, D] and the updated cache.
-
-    `num_new` [B] (default T): row b commits only its first num_new[b] tokens; the rest of its
-    block is padding that valid tokens never see.
-    """
-    B, T = tokens.shape
-    start = cache.length if cache is not None else jnp.zeros((B,), jnp.int32)
-    pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+def _decode(params: dict, cfg: Config, tokens: jax.Array, pos: jax.Array, past: kv.KVCache | None):
+    """The decoder over tokens [B, T] at positions [B, T], attending over `past` (if any) and the
+    block itself. Returns post-norm hidden states and each producing layer's new K/V."""
     x = embed(params, cfg, tokens)
     ple = per_layer_inputs(params, cfg, tokens, x) if cfg.ple_dim else None
     tables = {SLIDING: rope_tables(pos, cfg.head_dim, cfg.rope_sliding, x.dtype),
               FULL: rope_tables(pos, cfg.global_head_dim, cfg.rope_full, x.dtype)}
-    masks = _masks(cfg, pos, cache)
+    masks = _masks(cfg, pos, past)
     eps = cfg.rms_norm_eps
     new_k, new_v = [None] * cfg.num_layers, [None] * cfg.num_layers
 
@@ -209,18 +201,44 @@ def forward(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache | No
                 new_v[i] = rms_norm(v_raw, None, eps)  # v_norm has no weight
             src = spec.kv_source
             parts = [(new_k[src], new_v[src], new_mask)]
-            if cache is not None:
-                parts.insert(0, (cache.k[src], cache.v[src], old_mask))
+            if past is not None:
+                parts.insert(0, (past.k[src], past.v[src], old_mask))
             return parts
 
         with jax.named_scope(f"layer_{i}"):
             x = decoder_layer(params["layers"][i], cfg, x, cos, sin, kv_parts,
-                                 ple[:, :, i] if ple is not None else None)
+                              ple[:, :, i] if ple is not None else None)
 
-    hidden = rms_norm(x, params["final_norm"], eps)
+    return rms_norm(x, params["final_norm"], eps), new_k, new_v
+
+
+def _positions(start: jax.Array, steps: int) -> jax.Array:
+    return start[:, None] + jnp.arange(steps, dtype=jnp.int32)[None, :]
+
+
+def forward(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache | None = None,
+            num_new: jax.Array | None = None) -> tuple[jax.Array, kv.KVCache | None]:
+    """Runs the decoder over tokens [B, T] that follow what `cache` holds (or start a sequence when
+    `cache` is None). Returns the post-final-norm hidden states [B, T, D] and the updated cache.
+
+    `num_new` [B] (default T): row b commits only its first num_new[b] tokens; the rest of its
+    block is padding that valid tokens never see.
+    """
+    B, T = tokens.shape
+    start = cache.length if cache is not None else jnp.zeros((B,), jnp.int32)
+    hidden, new_k, new_v = _decode(params, cfg, tokens, _positions(start, T), cache)
     if cache is not None:
         cache = kv.commit(cache, new_k, new_v, jnp.full((B,), T, jnp.int32) if num_new is None else num_new)
     return hidden, cache
+
+
+def prefill(params: dict, cfg: Config, tokens: jax.Array, cache: kv.KVCache,
+            num_new: jax.Array) -> tuple[jax.Array, kv.KVCache]:
+    """`forward` for the first block of an empty cache: attends over the block only (no scores
+    against empty cache slots) and commits each row's first num_new[b] tokens."""
+    B, T = tokens.shape
+    hidden, new_k, new_v = _decode(params, cfg, tokens, _positions(jnp.zeros((B,), jnp.int32), T), None)
+    return hidden, kv.commit(cache, new_k, new_v, num_new)
 
 
 def logits(params: dict, cfg: Config, hidden: jax.Array) -> jax.Array:
