@@ -57,9 +57,11 @@ class Model:
         if bad.any():
             raise ValueError(f"token id {int(tokens[bad][0])} is outside the vocabulary [0, {self.config.vocab_size})")
         tokens = jnp.asarray(tokens, jnp.int32)
-        if self.mesh is not None:
-            tokens = jax.device_put(tokens, sharding.batch_sharding(self.mesh, tokens.shape))
-        return np.asarray(_full_logits(self.params, self.config, tokens))
+        if self.mesh is None:
+            return np.asarray(_full_logits(self.params, self.config, tokens))
+        tokens = jax.device_put(tokens, sharding.batch_sharding(self.mesh, tokens.shape))
+        with jax.set_mesh(self.mesh):
+            return np.asarray(_full_logits(self.params, self.config, tokens))
 
 
 @functools.partial(jax.jit, static_argnums=1)

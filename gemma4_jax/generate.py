@@ -12,6 +12,7 @@ Without a drafter the same loop runs with K = 0: plain decoding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -101,28 +102,47 @@ def _is_stop(tokens: jax.Array, stop: tuple[int, ...]) -> jax.Array:
     return jnp.any(tokens[..., None] == jnp.asarray(stop, jnp.int32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "propose", "K", "warp", "stop", "out_size", "max_len"))
-def _generate(params, prop_params, tokens, lengths, max_new, key, *, cfg: Config, propose, K: int,
-              warp: Warp, stop: tuple[int, ...], out_size: int, max_len: int):
-    B = tokens.shape[0]
-    cache = kv.init(cfg, B, max_len, block=K + 1, dtype=params["embed"].dtype)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one compiled generation program (a new value recompiles)."""
+
+    cfg: Config
+    propose: Callable | None
+    K: int
+    warp: Warp
+    stop: tuple[int, ...]
+    out_size: int  # output buffer width (a power-of-two bucket of max_new_tokens)
+    max_len: int  # cache positions: prompt bucket + out_size + K + 1
+
+
+def _start(params, tokens, lengths, max_new, key, plan: Plan) -> State:
+    """Prefill the right-padded prompts and pick each row's first token."""
+    cfg, B = plan.cfg, tokens.shape[0]
+    cache = kv.init(cfg, B, plan.max_len, block=plan.K + 1, dtype=params["embed"].dtype)
     hidden, cache = model.prefill(params, cfg, tokens, cache, lengths)
     h_last = hidden[jnp.arange(B), lengths - 1]
     key, k0 = jax.random.split(key)
-    first = sampling.select(k0, warp, model.logits(params, cfg, h_last[:, None])[:, 0])
-    out = jnp.full((B, out_size), -1, jnp.int32).at[:, 0].set(first)
+    first = sampling.select(k0, plan.warp, model.logits(params, cfg, h_last[:, None])[:, 0])
+    out = jnp.full((B, plan.out_size), -1, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((B,), jnp.int32)
-    state = State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
-                  done=_is_stop(first, stop) | (max_new <= 1), key=key, steps=zeros, accepted=zeros,
-                  histogram=jnp.zeros((B, K + 1), jnp.int32))
-    rows, j = jnp.arange(B), jnp.arange(K + 1)[None, :]
+    return State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
+                 done=_is_stop(first, plan.stop) | (max_new <= 1), key=key, steps=zeros, accepted=zeros,
+                 histogram=jnp.zeros((B, plan.K + 1), jnp.int32))
 
-    def body(s: State) -> State:
+
+def _run(params, prop_params, state: State, max_new, max_steps, plan: Plan) -> State:
+    """The decoding loop: until every row is done, or `max_steps` verify steps have run."""
+    cfg, K, warp, stop = plan.cfg, plan.K, plan.warp, plan.stop
+    B = state.last.shape[0]
+    rows, j, zeros = jnp.arange(B), jnp.arange(K + 1)[None, :], jnp.zeros((B,), jnp.int32)
+
+    def body(carry):
+        s, i = carry
         key, k_draft, k_accept = jax.random.split(s.key, 3)
         active = ~s.done
         if K:
             ctx = DraftContext(params, cfg, s.cache, s.last, s.hidden, s.cache.length)
-            drafts, q = propose(prop_params, ctx, k_draft, K, warp)
+            drafts, q = plan.propose(prop_params, ctx, k_draft, K, warp)
             block = jnp.concatenate([s.last[:, None], drafts], axis=1)
         else:
             drafts, q, block = jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0, cfg.vocab_size)), s.last[:, None]
@@ -139,18 +159,28 @@ def _generate(params, prop_params, tokens, lengths, max_new, key, *, cfg: Config
         hit = jnp.any(stops, axis=1)
         n = jnp.where(hit, jnp.argmax(stops, axis=1) + 1, n)
         n = jnp.where(active, jnp.minimum(n, max_new - s.out_len), 0)
-        slots = jnp.where(j < n[:, None], s.out_len[:, None] + j, out_size)
+        slots = jnp.where(j < n[:, None], s.out_len[:, None] + j, plan.out_size)
         out = s.out.at[rows[:, None], slots].set(emit, mode="drop")
         cache = kv.rollback(cache, jnp.where(active, K - a, 0))  # keep [last, accepted drafts]
         out_len = s.out_len + n
-        done = s.done | hit | (out_len >= max_new) | (cache.length + K + 1 > max_len)
+        done = s.done | hit | (out_len >= max_new) | (cache.length + K + 1 > plan.max_len)
         kept = jnp.minimum(a, n)  # accepted drafts that were emitted (a stop or the budget may cut)
         return State(cache=cache, last=nxt, hidden=hid[rows, a], out=out, out_len=out_len, done=done, key=key,
                      steps=s.steps + active, accepted=s.accepted + jnp.where(active, kept, 0),
-                     histogram=s.histogram.at[rows, kept].add(active.astype(jnp.int32)))
+                     histogram=s.histogram.at[rows, kept].add(active.astype(jnp.int32))), i + 1
 
-    s = jax.lax.while_loop(lambda s: jnp.any(~s.done), body, state)
-    return s.out, s.out_len, s.steps, s.accepted, s.histogram
+    return jax.lax.while_loop(lambda c: jnp.any(~c[0].done) & (c[1] < max_steps), body, (state, 0))[0]
+
+
+@functools.partial(jax.jit, static_argnames="plan")
+def _generate(params, prop_params, tokens, lengths, max_new, key, plan: Plan) -> State:
+    """Prefill and the whole loop, one program."""
+    state = _start(params, tokens, lengths, max_new, key, plan)
+    return _run(params, prop_params, state, max_new, jnp.iinfo(jnp.int32).max, plan)
+
+
+_start_jit = jax.jit(_start, static_argnames="plan")
+_run_jit = jax.jit(_run, static_argnames="plan", donate_argnames="state")
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -164,18 +194,24 @@ def _stop_tokens(model_obj, stop_tokens) -> tuple[int, ...]:
     return tuple(sorted({int(t) for t in stop_tokens}))
 
 
-def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_new_tokens: int,
-             num_draft_tokens: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] | None = None) -> Result:
-    """Generates up to `max_new_tokens` tokens for each prompt (a list of token-id lists).
+@dataclasses.dataclass
+class _Job:
+    plan: Plan
+    params: Any
+    prop_params: Any
+    tokens: jax.Array
+    lengths: jax.Array
+    max_new: jax.Array
+    key: jax.Array
+    mesh: Any
 
-    With a `drafter` (a loaded assistant checkpoint, or a `Proposer`), decoding is speculative and
-    lossless: greedy output equals plain greedy output, and sampling is exact speculative sampling
-    (the output distribution equals sampling from the target). Without one, plain decoding.
-    Returns `Result(tokens, stats)`: per row the new tokens (ending with the stop token when one
-    was produced) and telemetry (`new_tokens`, `verify_steps`, `accepted_drafts`,
-    `mean_tokens_per_step`, `accept_histogram`, `seconds`, `tokens_per_second`, `rows`).
-    """
+    def context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+
+def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temperature, top_k, top_p, seed,
+             stop_tokens) -> _Job:
+    """Checks the inputs and pads the prompts into a length bucket (the host's only work)."""
     cfg: Config = model_obj.config
     warp = Warp(float(temperature), top_k, top_p)
     if not sampling.is_int(max_new_tokens) or max_new_tokens < 1:
@@ -221,15 +257,71 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
     if model_obj.mesh is not None:
         tokens = jax.device_put(tokens, sharding.batch_sharding(model_obj.mesh, tokens.shape))
         lengths = jax.device_put(lengths, sharding.batch_sharding(model_obj.mesh, lengths.shape))
+    plan = Plan(cfg=cfg, propose=propose, K=K, warp=warp, stop=_stop_tokens(model_obj, stop_tokens),
+                out_size=out_size, max_len=T + out_size + K + 1)
+    return _Job(plan, model_obj.params, prop_params, tokens, lengths, jnp.int32(max_new_tokens),
+                jax.random.key(seed), model_obj.mesh)
 
-    start = time.perf_counter()
-    out, out_len, steps, accepted, hist = jax.device_get(_generate(
-        model_obj.params, prop_params, tokens, lengths, jnp.int32(max_new_tokens), jax.random.key(seed),
-        cfg=cfg, propose=propose, K=K, warp=warp, stop=_stop_tokens(model_obj, stop_tokens),
-        out_size=out_size, max_len=T + out_size + K + 1))
-    seconds = time.perf_counter() - start
-    rows = [out[i, : out_len[i]].tolist() for i in range(B)]
+
+def _result(state: State, seconds: float) -> Result:
+    out, out_len, steps, accepted, hist = jax.device_get(
+        (state.out, state.out_len, state.steps, state.accepted, state.histogram))
+    rows = [out[i, : out_len[i]].tolist() for i in range(len(out_len))]
     return Result(tokens=rows, stats=_stats(out_len, steps, accepted, hist, seconds))
+
+
+def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_new_tokens: int,
+             num_draft_tokens: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] | None = None) -> Result:
+    """Generates up to `max_new_tokens` tokens for each prompt (a list of token-id lists).
+
+    With a `drafter` (a loaded assistant checkpoint, or a `Proposer`), decoding is speculative and
+    lossless: greedy output equals plain greedy output, and sampling is exact speculative sampling
+    (the output distribution equals sampling from the target). Without one, plain decoding.
+    Returns `Result(tokens, stats)`: per row the new tokens (ending with the stop token when one
+    was produced) and telemetry (`new_tokens`, `verify_steps`, `accepted_drafts`,
+    `mean_tokens_per_step`, `accept_histogram`, `seconds`, `tokens_per_second`, `rows`).
+    Rows draw independent randomness from `seed`.
+    """
+    job = _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temperature, top_k, top_p,
+                   seed, stop_tokens)
+    start = time.perf_counter()
+    with job.context():
+        state = _generate(job.params, job.prop_params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
+        state.out.block_until_ready()
+    return _result(state, time.perf_counter() - start)
+
+
+class Stream:
+    """Iterates over the new tokens of each row, chunk by chunk, while generating; `result` holds
+    the final `Result` once iteration ends. Same arguments and outputs as `generate`; the loop runs
+    `chunk_steps` verify steps per compiled call, so the host prints while nothing waits on it
+    longer than one chunk."""
+
+    def __init__(self, model_obj, prompts, *, chunk_steps: int = 8, **kwargs):
+        self._job = _prepare(model_obj, prompts, kwargs.pop("drafter", None), kwargs.pop("max_new_tokens"),
+                             kwargs.pop("num_draft_tokens", None), kwargs.pop("temperature", 0.0),
+                             kwargs.pop("top_k", None), kwargs.pop("top_p", None), kwargs.pop("seed", 0),
+                             kwargs.pop("stop_tokens", None))
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        self._chunk = int(chunk_steps)
+        self.result: Result | None = None
+
+    def __iter__(self):
+        job = self._job
+        start = time.perf_counter()
+        with job.context():
+            state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
+            seen = np.zeros(job.tokens.shape[0], np.int64)
+            while True:
+                out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
+                yield [out[i, seen[i]: out_len[i]].tolist() for i in range(len(seen))]
+                seen = out_len.astype(np.int64)
+                if done.all():
+                    break
+                state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.plan)
+        self.result = _result(state, time.perf_counter() - start)
 
 
 def _summary(new, steps, accepted, hist, seconds):

@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from gemma4_jax import cache as kv
 from gemma4_jax.config import FULL, SLIDING, Config, Rope
@@ -107,6 +108,17 @@ def mlp(p: dict, x: jax.Array) -> jax.Array:
 
 
 def moe(p: dict, cfg: Config, residual: jax.Array) -> jax.Array:
+    """Routed experts, data parallel: each `data` shard routes and sorts its own tokens (a global
+    sort would gather the whole batch onto every shard). Expert weights stay sharded over `model`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "data" not in mesh.axis_names or mesh.shape["data"] == 1 \
+            or residual.shape[0] % mesh.shape["data"]:
+        return _moe_local(p, cfg, residual)
+    return jax.shard_map(lambda p, r: _moe_local(p, cfg, r), mesh=mesh, in_specs=(P(), P("data")),
+                         out_specs=P("data"), axis_names={"data"}, check_vma=False)(p, residual)
+
+
+def _moe_local(p: dict, cfg: Config, residual: jax.Array) -> jax.Array:
     """Routed experts. The router reads the raw post-attention residual (not the normed input); the
     experts read `pre_norm(residual)`. Tokens are sorted by expert for grouped matmuls."""
     B, T, D = residual.shape

@@ -206,15 +206,8 @@ def _forward_logits(params, cfg, tokens):
 
 COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
 
-MOE_GATHERS = pytest.mark.xfail(strict=True, reason=(
-    "model.moe sorts the flattened B*T token slots with one global argsort, so XLA all-gathers the "
-    "router output over `data` and every data shard runs the experts on the whole batch (8x1: "
-    "ragged_dot over 336 rows per device instead of 42). Fix: wrap moe in jax.shard_map over `data` "
-    "(weights P(), residual P('data'), axis_names={'data'}) and run Model.logits under jax.set_mesh."))
-
-
 @pytest.mark.parametrize("shape", [(8, 1), (2, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name", ["e2b", pytest.param("moe", marks=MOE_GATHERS), "dense"])
+@pytest.mark.parametrize("name", ["e2b", "moe", "dense"])
 def test_forward_is_data_parallel_and_never_gathers_a_weight(name, shape, sharded):
     """Pure data parallelism needs no collective at all; tensor parallelism (Megatron layout) needs
     all-reduces after the row-parallel matmuls but never an all-gather."""

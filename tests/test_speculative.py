@@ -236,3 +236,21 @@ def test_chi_square_catches_a_wrong_acceptance_rule(loaded, monkeypatch):
         jax.clear_caches()
     assert stats["accepted_drafts"] > ROWS // 4
     assert _chi2_pvalue(toks[:, 1], p2) < 1e-6
+
+
+def test_stream_yields_the_same_tokens_as_generate(loaded, drafter):
+    from gemma4_jax.generate import Stream
+
+    m = loaded("e2b")
+    kwargs = dict(drafter=drafter("e2b"), max_new_tokens=MAX_NEW, num_draft_tokens=3, stop_tokens=[])
+    whole = generate(m, _prompts(3), **kwargs)
+    stream = Stream(m, _prompts(3), chunk_steps=2, **kwargs)
+    got = [[] for _ in range(3)]
+    chunks = 0
+    for new in stream:
+        chunks += 1
+        for row, toks in zip(got, new):
+            row.extend(toks)
+    assert got == whole.tokens == stream.result.tokens
+    assert chunks > 3  # it really streamed
+    assert stream.result.stats["verify_steps"] == whole.stats["verify_steps"]
