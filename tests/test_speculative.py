@@ -254,3 +254,16 @@ def test_stream_yields_the_same_tokens_as_generate(loaded, drafter):
     assert got == whole.tokens == stream.result.tokens
     assert chunks > 3  # it really streamed
     assert stream.result.stats["verify_steps"] == whole.stats["verify_steps"]
+
+
+def test_recompiles_only_when_a_shape_bucket_changes(loaded):
+    from gemma4_jax import generate as gen
+
+    m = loaded("dense")
+    generate(m, [[5, 6, 7]], max_new_tokens=20, stop_tokens=[])
+    before = gen._generate._cache_size()
+    # same prompt bucket (16), same output bucket (32): max_new_tokens is traced
+    generate(m, [[1, 2, 3, 4, 5, 9]], max_new_tokens=30, seed=3, stop_tokens=[])
+    assert gen._generate._cache_size() == before
+    generate(m, [[5, 6, 7]], max_new_tokens=40, stop_tokens=[])  # output bucket 64
+    assert gen._generate._cache_size() == before + 1
