@@ -156,7 +156,7 @@ def run_generate(args) -> int:
     if not args.json and not args.chat:
         sys.stdout.write(prompt)
     for chunk in stream:
-        piece = decoder.feed(chunk[0])
+        piece = decoder.push(chunk[0])
         if not args.json and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
