@@ -85,7 +85,7 @@ def accept_sampled(key: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array
     a = jnp.sum(jnp.cumprod(u * qd < pd, axis=1), axis=1)  # u < p/q without dividing by q
     rows = jnp.arange(B)
     p_a = p[rows, a]
-    q_a = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)[rows, a]  # q = 0 past the drafts: bonus ~ p
+    q_a = jnp.concatenate([q, jnp.zeros((B, 1, p.shape[-1]), q.dtype)], axis=1)[rows, a]  # q = 0 past the drafts: bonus ~ p
     resid = jnp.maximum(p_a - q_a, 0.0)
     mass = jnp.sum(resid, axis=-1, keepdims=True)
     resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p_a)
