@@ -136,3 +136,25 @@ def assistant(target: str, seed: int = 0, ordered: bool = True, **over):
         model.masked_embedding.token_ordering.copy_(torch.randperm(cfg.text_config.vocab_size, generator=g))
     model.generation_config.num_assistant_tokens = 4
     return model
+
+
+UNIFIED = dict(num_hidden_layers=6, layer_types=[S, S, F, S, S, F], num_key_value_heads=2, attention_k_eq_v=True,
+               num_global_key_value_heads=1)
+
+
+def unified(kind: str = "causal", seed: int = 0):
+    """The 12B unified model's text decoder (no PLE, no MoE): Gemma4UnifiedForCausalLM, or the
+    multimodal Gemma4UnifiedForConditionalGeneration wrapper."""
+    from transformers import (Gemma4UnifiedConfig, Gemma4UnifiedForCausalLM, Gemma4UnifiedForConditionalGeneration,
+                              Gemma4UnifiedTextConfig)
+
+    torch.manual_seed(seed)
+    base = {k: v for k, v in BASE.items()}
+    text = Gemma4UnifiedTextConfig(**{**base, **UNIFIED})
+    if kind == "causal":
+        model = Gemma4UnifiedForCausalLM(text)
+    else:
+        model = Gemma4UnifiedForConditionalGeneration(Gemma4UnifiedConfig(text_config=text.to_dict()))
+    model = model.eval()
+    randomize(model, seed)
+    return model

@@ -54,3 +54,16 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(name, hf_target, loade
     assert np.abs(ours16 - ref16).mean() <= 1.25 * ref_err
     ref_agree = (ref16.argmax(-1) == truth.argmax(-1)).mean()
     assert (ours16.argmax(-1) == truth.argmax(-1)).mean() >= ref_agree - 0.05
+
+
+@pytest.mark.parametrize("kind", ["causal", "conditional"])
+def test_unified_text_decoder_matches_transformers(kind, tmp_path):
+    """The 12B unified model's text decoder, saved as Gemma4UnifiedForCausalLM or inside the
+    multimodal Gemma4UnifiedForConditionalGeneration."""
+    model = hf_models.unified(kind)
+    model.save_pretrained(tmp_path)
+    tokens = prompts(2, LENGTH)
+    with torch.no_grad():
+        ref = model(input_ids=torch.as_tensor(tokens), use_cache=False).logits.float().numpy()
+    ours = gemma4_jax.load(str(tmp_path), dtype="float32").logits(tokens)
+    assert np.abs(ours - ref).max() <= 1e-4
