@@ -268,3 +268,21 @@ def train_tokenizer(manifest, out_prefix: str, vocab_size: int = 4096, *, split:
         if sp.piece_to_id(piece) != i:
             raise RuntimeError(f"sentencepiece put {piece} at id {sp.piece_to_id(piece)}, not {i}")
     return path
+
+
+def heldout_prompts(tokenizer, manifest, count: int = 24, tokens: int = 64) -> list[list[int]]:
+    """Prompts (token-id lists starting with <bos>) from held-out files: each file's text up to and
+    including its first `def ` / `class ` line past the first few lines, keeping the last `tokens`
+    tokens. Deterministic (manifest order)."""
+    prompts = []
+    for _, text in read_corpus(manifest, "heldout"):
+        lines = text.splitlines(keepends=True)
+        cut = next((i for i, line in enumerate(lines) if i > 5 and line.lstrip().startswith(("def ", "class "))),
+                   None)
+        if cut is None:
+            continue
+        ids = tokenizer.encode("".join(lines[: cut + 1]), add_bos=False)[-(tokens - 1):]
+        prompts.append([tokenizer.bos_id] + ids)
+        if len(prompts) == count:
+            break
+    return prompts

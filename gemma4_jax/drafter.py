@@ -123,27 +123,43 @@ def target_kv(target: Config, cache: kv.KVCache) -> dict:
     return {kind: (cache.k[i], cache.v[i], cache.pos[kind]) for kind, i in target.kv_layers.items()}
 
 
-def step(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
-    """One draft step. x [B, 1, 2*Dt] = [target embedding, hidden or carry]; pos [B] the round's
-    position; views from `target_kv`. Returns (float32 logits [B, 1, V], carry [B, 1, Dt])."""
+def hidden(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
+    """The drafter's trunk at many query positions at once: x [B, T, 2*Dt] = [target embedding,
+    hidden or carry] per query, pos [B, T] each query's round position, views from `target_kv`.
+    Query t sees target keys at positions < pos[b, t] (sliding layers: the last `sliding_window + 1`
+    of them); queries do not see each other, so T independent draft steps run in one pass (training
+    feeds every position of a sequence at once). Returns (post-norm h [B, T, d], carry [B, T, Dt])."""
     cfg = dcfg.text
     x = jnp.einsum("BTC,CD->BTD", x.astype(dparams["pre"].dtype), dparams["pre"])
-    p = pos[:, None]
-    tables = {SLIDING: model.rope_tables(p, cfg.head_dim, cfg.rope_sliding, x.dtype),
-              FULL: model.rope_tables(p, cfg.global_head_dim, cfg.rope_full, x.dtype)}
+    tables = {SLIDING: model.rope_tables(pos, cfg.head_dim, cfg.rope_sliding, x.dtype),
+              FULL: model.rope_tables(pos, cfg.global_head_dim, cfg.rope_full, x.dtype)}
     parts = {}
+    q = pos[:, :, None]
     for kind, (k, v, kpos) in views.items():
-        mask = (kpos >= 0) & (kpos < p)
+        kp = kpos[:, None, :]
+        mask = (kp >= 0) & (kp < q)  # [B, T, S]
         if kind == SLIDING:
-            mask &= kpos >= p - 1 - cfg.sliding_window
-        parts[kind] = [(k, v, mask[:, None, :])]
+            mask &= kp >= q - 1 - cfg.sliding_window
+        parts[kind] = [(k, v, mask)]
     for i, spec in enumerate(cfg.layers):
         cos, sin = tables[spec.kind]
         with jax.named_scope(f"draft_layer_{i}"):
             x = model.decoder_layer(dparams["layers"][i], cfg, x, cos, sin, lambda h, kind=spec.kind: parts[kind])
     h = model.rms_norm(x, dparams["final_norm"], cfg.rms_norm_eps)
-    carry = jnp.einsum("BTD,DC->BTC", h, dparams["post"])
+    return h, jnp.einsum("BTD,DC->BTC", h, dparams["post"])
+
+
+def forward(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
+    """Draft steps at query positions pos [B, T] (see `hidden`). Returns (float32 logits [B, T, V],
+    carry [B, T, Dt])."""
+    h, carry = hidden(dparams, dcfg, x, pos, views)
     return head(dparams, dcfg, h), carry
+
+
+def step(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
+    """One draft step. x [B, 1, 2*Dt] = [target embedding, hidden or carry]; pos [B] the round's
+    position; views from `target_kv`. Returns (float32 logits [B, 1, V], carry [B, 1, Dt])."""
+    return forward(dparams, dcfg, x, pos[:, None], views)
 
 
 def head(dparams: dict, dcfg: DrafterConfig, h: jax.Array) -> jax.Array:

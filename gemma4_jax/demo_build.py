@@ -1,0 +1,163 @@
+"""Builds the demo pair shipped in gemma4_jax/demo: a small Gemma-4-architecture target trained on
+the Python standard library's source, and an MTP drafter distilled against it.
+
+    python -m gemma4_jax.demo_build --out gemma4_jax/demo
+
+Every step is seeded; the corpus is the manifest's train split (sha256-verified), so the same
+CPython version regenerates the same data. Writes DIR/target and DIR/drafter as Hugging Face
+checkpoints (bf16) with the tokenizer, and DIR/README.md with the command, corpus, steps, losses
+and times. Writing is atomic per checkpoint (export.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from gemma4_jax import corpus, export, train
+from gemma4_jax.config import FULL, SLIDING, Config, Rope
+
+EOS_IDS = [1, 106]  # <eos>, <turn|>
+
+
+def target_config(vocab_size: int) -> Config:
+    """E2B's features at demo scale: 5:1 sliding/full layers (proportional RoPE on full ones), PLE,
+    KV sharing over the last third with a double-wide MLP there, one KV head."""
+    L = 8
+    types = tuple(FULL if (i + 1) % 4 == 0 else SLIDING for i in range(L))
+    return Config(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_heads=4, num_kv_heads=1,
+        head_dim=64, global_head_dim=128, num_global_kv_heads=1, layer_types=types, sliding_window=128,
+        rope_sliding=Rope(10000.0), rope_full=Rope(1e6, fraction=0.25), final_logit_softcapping=30.0,
+        num_kv_shared_layers=3, double_wide_mlp=True, ple_dim=16, ple_vocab_size=vocab_size,
+        max_position_embeddings=4096,
+    ).validate("demo target")
+
+
+def _log(name):
+    def on_step(step, loss, metrics, seconds):
+        extra = ""
+        if metrics and "agree" in metrics:
+            extra = " agree " + " ".join(f"{a:.2f}" for a in np.asarray(metrics["agree"]))
+        print(f"[{name}] step {step} loss {loss:.4f}{extra} ({seconds:.0f}s)", file=sys.stderr, flush=True)
+        on_step.last = (step, loss, seconds)
+    on_step.last = None
+    return on_step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gemma4_jax.demo_build")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--target-steps", type=int, default=1000)
+    p.add_argument("--target-lr", type=float, default=3e-3)
+    p.add_argument("--drafter-steps", type=int, default=400)
+    p.add_argument("--drafter-lr", type=float, default=3e-3)
+    p.add_argument("--drafter-hidden", type=int, default=128)
+    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--distill-sequences", type=int, default=256)
+    p.add_argument("--loss", choices=train.LOSSES, default="kl")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    command = "python -m gemma4_jax.demo_build " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gemma4_demo_")
+
+    manifest = corpus.build_manifest()
+    with open(os.path.join(args.out, "corpus_manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    tok_path = corpus.train_tokenizer(manifest, os.path.join(work, "tokenizer"), args.vocab_size)
+    from gemma4_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    ids = np.concatenate([np.asarray(tok.encode(text, add_bos=True), np.int32)
+                          for _, text in corpus.read_corpus(manifest, "train")])
+    print(f"corpus: {len(manifest['files'])} files, {len(ids)} training tokens", file=sys.stderr)
+    tok_dir = os.path.dirname(tok_path)
+
+    cfg = target_config(tok.vocab_size)
+    log_t = _log("target")
+    t1 = time.time()
+    tparams = train.pretrain(cfg, train.window_batches(ids, args.seq_len + 1, args.batch_size, args.seed),
+                             steps=args.target_steps, lr=args.target_lr, seed=args.seed, on_step=log_t, log_every=50)
+    target_seconds = time.time() - t1
+    gen = {"bos_token_id": 2, "eos_token_id": EOS_IDS, "pad_token_id": 0}
+    tdir = export.export_target(os.path.join(args.out, "target"), cfg, _bf16(tparams), generation_config=gen,
+                                extra_files=export.tokenizer_files(tok_dir), overwrite=True)
+
+    # The drafter learns from the target's own continuations of corpus prefixes (sampled at 0.7).
+    import gemma4_jax
+
+    target = gemma4_jax.load(tdir, dtype="float32")
+    rng = np.random.default_rng(args.seed)
+    starts = rng.integers(0, len(ids) - 64, args.distill_sequences)
+    prompts = [ids[s: s + 32].tolist() for s in starts]
+    t2 = time.time()
+    seqs = np.concatenate([train.sample_sequences(target, prompts[i: i + 64], args.seq_len + 1, temperature=0.7,
+                                                  seed=args.seed + i) for i in range(0, len(prompts), 64)])
+    corpus_windows = train.window_batches(ids, args.seq_len + 1, args.batch_size // 2, args.seed + 1)
+
+    def mixed():
+        r = np.random.default_rng(args.seed + 2)
+        while True:
+            yield np.concatenate([seqs[r.integers(0, len(seqs), args.batch_size // 2)], next(corpus_windows)])
+
+    dcfg = train.drafter_config_for(cfg, hidden_size=args.drafter_hidden, intermediate_size=4 * args.drafter_hidden)
+    log_d = _log("drafter")
+    dparams = train.distill(target.params, cfg, dcfg, mixed(), steps=args.drafter_steps, lr=args.drafter_lr,
+                            seed=args.seed, draft_len=args.draft_len, loss=args.loss, on_step=log_d, log_every=25)
+    drafter_seconds = time.time() - t2
+    export.export_drafter(os.path.join(args.out, "drafter"), dcfg, _bf16(dparams), generation_config=gen,
+                          num_assistant_tokens=args.draft_len, extra_files=export.tokenizer_files(tok_dir),
+                          overwrite=True)
+    _write_readme(args, command, manifest, len(ids), log_t.last, log_d.last, target_seconds, drafter_seconds,
+                  time.time() - t0)
+    return 0
+
+
+def _bf16(params):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _write_readme(args, command, manifest, n_tokens, t_last, d_last, t_sec, d_sec, total):
+    import platform
+
+    text = f"""# The demo pair
+
+A small Gemma-4-architecture target (`target/`, Gemma4ForCausalLM layout) and an MTP drafter
+(`drafter/`, Gemma4AssistantForCausalLM layout) trained from scratch on the Python standard
+library's source. Both load with `gemma4_jax.load` and with transformers 5.23.0
+(the drafter after transformers' all-reuse `kv_sharing_modes` fix, see tests/hf_models.py).
+
+Regenerate (same CPython version: the corpus is sha256-checked against `corpus_manifest.json`):
+
+    {command}
+
+- corpus: {len(manifest['files'])} stdlib files of CPython {manifest.get('python_version', platform.python_version())}
+  (train split, {n_tokens} tokens with the sentencepiece tokenizer trained on it, vocab {args.vocab_size});
+  held-out files are marked `heldout` in the manifest.
+- target: {args.target_steps} AdamW steps, batch {args.batch_size} x {args.seq_len} tokens, lr {args.target_lr},
+  seed {args.seed}; final training loss {t_last[1]:.3f} (step {t_last[0]}); {t_sec / 60:.1f} min.
+- drafter: {args.drafter_steps} steps of distillation ({args.loss}), {args.draft_len} unrolled draft steps,
+  on the target's own continuations of corpus prefixes (temperature 0.7) mixed with corpus windows;
+  final loss {d_last[1]:.3f}; {d_sec / 60:.1f} min (including sampling the continuations).
+- total {total / 60:.1f} min on {os.cpu_count()} CPU cores; weights stored in bfloat16.
+"""
+    with open(os.path.join(args.out, "README.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`gemma4-jax` command line: clean one-line errors (exit 2) and the generate output formats."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gemma4_jax import cli
+
+DEMO = os.path.isdir(cli.DEMO_TARGET) and os.path.isdir(cli.DEMO_DRAFTER)
+
+
+def _run(*args, env=None, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gemma4_jax.cli", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "x", "--temperature", "abc"], "--temperature"),
+    (["generate", "x", "--top-p", "1.5"], "--top-p"),
+    (["generate", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "x", "--num-draft-tokens", "0"], "--num-draft-tokens"),
+    (["generate", "x", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["generate", "x", "--top-k", "0"], "--top-k"),
+    (["generate", "x", "--bogus"], "--bogus"),
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
+    (["generate", "x", "--model", "nobody/no-such-model-xyz"], "nobody/no-such-model-xyz"),
+    (["generate", "x", "--model", "/nonexistent/dir/or/id/x"], "/nonexistent/dir/or/id/x"),
+    ([], "generate"),
+])
+def test_bad_command_lines_give_one_line_errors_and_exit_2(args, needle):
+    r = _run(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gemma4-jax: error:"), r.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_offline_hub_id_says_what_to_download():
+    r = _run("generate", "x", "--model", "google/gemma-4-E2B-it")
+    assert r.returncode == 2
+    assert "huggingface-cli download google/gemma-4-E2B-it" in r.stderr
+
+
+def test_a_checkpoint_without_a_tokenizer_is_a_clean_error(hf_target):
+    _, path = hf_target("e2b")
+    r = _run("generate", "x", "--model", path, "--no-draft")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tokenizer" in r.stderr
+
+
+@pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")
+def test_generate_with_the_shipped_pair_prints_text_and_stats():
+    r = _run("generate", "def fibonacci(n):", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def fibonacci(n):") and len(r.stdout) > len("def fibonacci(n):\n")
+    assert "tok/s" in r.stderr and "tokens/verify step" in r.stderr and "acceptance" in r.stderr
+
+
+@pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")
+def test_generate_json_has_text_tokens_and_the_generate_stats():
+    r = _run("generate", "import os\n", "--max-new-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "tokens", "stats"}
+    assert len(out["tokens"]) == out["stats"]["new_tokens"] <= 16
+    for key in ("new_tokens", "verify_steps", "accepted_drafts", "mean_tokens_per_step", "accept_histogram",
+                "seconds", "tokens_per_second", "rows"):
+        assert key in out["stats"]
