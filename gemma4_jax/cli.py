@@ -20,34 +20,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text):
+def number_arg(text: str, *, low: float, high: float = float("inf"), low_open: bool = False,
+               integer: bool = False):
+    """Parses a numeric flag value in [low, high] ((low, high] with low_open); NaN and inf refused."""
     try:
-        value = int(text)
+        value = int(text) if integer else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
+    ok = (value > low if low_open else value >= low) and value <= high and value not in (float("inf"),)
+    if not ok:
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high != float("inf") else \
+            f"{'>' if low_open else '>='} {low:g}"
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
     return value
+
+
+def _positive_int(text):
+    return number_arg(text, low=1, integer=True)
 
 
 def _temperature(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return number_arg(text, low=0)
 
 
 def _top_p(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return number_arg(text, low=0, high=1, low_open=True)
 
 
 def resolve(name: str | None, what: str) -> str:

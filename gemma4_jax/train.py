@@ -427,26 +427,15 @@ class TrainError(ValueError):
 
 
 def _int_at_least(lo: int):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
+    from gemma4_jax.cli import number_arg
 
-    return parse
+    return lambda text: number_arg(text, low=lo, integer=True)
 
 
 def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    from gemma4_jax.cli import number_arg
+
+    return number_arg(text, low=0, low_open=True)
 
 
 def _loss_name(text):
