@@ -12,13 +12,12 @@ import struct
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
+from checkpoint_edits import WEIGHTS, read_tensors, write_tensors, edit_config
 import gemma4_jax
 from conftest import prompts
 from gemma4_jax import CheckpointError, ConfigError
 
-WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
@@ -32,23 +31,6 @@ def copy_of(hf_target, tmp_path):
         return str(dst)
 
     return get
-
-
-def read_tensors(path: str) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load_file(os.path.join(path, WEIGHTS))
-
-
-def write_tensors(path: str, tensors: dict[str, np.ndarray], file: str = WEIGHTS):
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                os.path.join(path, file), metadata={"format": "pt"})
-
-
-def edit_config(path: str, fn):
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    fn(raw)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(raw, f)
 
 
 def load_fails(path: str, error, *needles: str, dtype="float32") -> str:

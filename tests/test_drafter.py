@@ -6,16 +6,14 @@ the target's K/V in HF layout [B, Nkv, T, D]; we hand `drafter.step` the same K/
 (k [B, S, K, H], v, slot positions [B, S]).
 """
 
-import json
-import os
 import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 
+from checkpoint_edits import WEIGHTS, edit_tensors, edit_config
 import gemma4_jax
 import hf_models
 from gemma4_jax import CheckpointError, ConfigError, drafter
@@ -25,7 +23,6 @@ from gemma4_jax.generate import generate
 W = hf_models.DRAFTER_BASE["sliding_window"]
 DT = hf_models.BASE["hidden_size"]
 HF_KIND = {SLIDING: "sliding_attention", FULL: "full_attention"}
-WEIGHTS = "model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -258,21 +255,6 @@ def drafter_copy(drafters, tmp_path):
         return str(dst)
 
     return get
-
-
-def edit_tensors(path: str, fn):
-    tensors = safetensors.numpy.load_file(os.path.join(path, WEIGHTS))
-    fn(tensors)
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-
-
-def edit_config(path: str, fn):
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    fn(raw)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(raw, f)
 
 
 def load_fails(path: str, error, *needles: str) -> str:
