@@ -72,3 +72,18 @@ def test_generate_json_has_text_tokens_and_the_generate_stats():
     for key in ("new_tokens", "verify_steps", "accepted_drafts", "mean_tokens_per_step", "accept_histogram",
                 "seconds", "tokens_per_second", "rows"):
         assert key in out["stats"]
+
+
+@pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")
+def test_chat_mode_formats_gemma4_turns_and_generates():
+    from gemma4_jax import tokenizer as tok_lib
+
+    text = tok_lib.format_chat([{"role": "system", "content": "You write Python."},
+                                {"role": "user", "content": "Write a function"}])
+    assert text.startswith("<bos><|turn>system\nYou write Python.<turn|>\n<|turn>user\nWrite a function<turn|>\n")
+    assert text.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    r = _run("generate", "Write a function", "--chat", "--system", "You write Python.", "--max-new-tokens", "8",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert 1 <= len(out["tokens"]) <= 8 and out["stats"]["verify_steps"] >= 1
