@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -30,14 +29,16 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Model:
-    """A loaded Gemma 4 text model: static `config`, parameter pytree `params`."""
-
-    config: config_lib.Config
+class _Loaded:
+    config: config_lib.Config | drafter_lib.DrafterConfig
     params: dict
     path: str | None = None
     mesh: Mesh | None = None
     generation_config: dict = dataclasses.field(default_factory=dict)
+
+
+class Model(_Loaded):
+    """A loaded Gemma 4 text model: static `config`, parameter pytree `params`."""
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -70,15 +71,8 @@ def _full_logits(params, cfg, tokens):
     return model_lib.logits(params, cfg, hidden)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Drafter:
+class Drafter(_Loaded):
     """A loaded MTP drafter ("assistant" checkpoint); pass it to `generate(..., drafter=...)`."""
-
-    config: drafter_lib.DrafterConfig
-    params: dict
-    path: str | None = None
-    mesh: Mesh | None = None
-    generation_config: dict = dataclasses.field(default_factory=dict)
 
 
 def load(path: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Model | Drafter:

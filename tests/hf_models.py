@@ -78,7 +78,7 @@ def conditional_generation(name: str, seed: int = 0):
 
 
 @torch.no_grad()
-def reference_logits(model, tokens) -> "np.ndarray":
+def reference_logits(model, tokens):
     """Full-forward logits of the reference, float32 numpy [B, T, V]. output_hidden_states=True works
     around 5.23.0's crash in the no-cache forward of KV-shared models without PLE."""
     ids = torch.as_tensor(tokens, dtype=torch.long)

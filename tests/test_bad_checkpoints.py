@@ -198,20 +198,23 @@ def test_not_a_safetensors_file_error_names_the_file(copy_of, content):
     load_fails(path, CheckpointError, file, "not a safetensors file")
 
 
+def write_one_tensor_file(path: str, dtype: str, nbytes: int):
+    """A weights file holding only model.norm.weight [64] with the given dtype and byte count."""
+    header = json.dumps({"model.norm.weight": {"dtype": dtype, "shape": [64], "data_offsets": [0, nbytes]}}).encode()
+    with open(os.path.join(path, WEIGHTS), "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(nbytes))
+
+
 def test_inconsistent_tensor_entry_error_names_the_tensor(copy_of):
     """A header whose byte range does not match the declared shape is caught before reading."""
     path = copy_of("e2b")
-    header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 128]}}).encode()
-    with open(os.path.join(path, WEIGHTS), "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header + bytes(128))
+    write_one_tensor_file(path, "F32", 128)
     load_fails(path, CheckpointError, "'model.norm.weight'", "[64]")
 
 
 def test_unsupported_tensor_dtype_error_names_the_tensor(copy_of):
     path = copy_of("e2b")
-    header = json.dumps({"model.norm.weight": {"dtype": "F8_E4M3", "shape": [64], "data_offsets": [0, 64]}}).encode()
-    with open(os.path.join(path, WEIGHTS), "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header + bytes(64))
+    write_one_tensor_file(path, "F8_E4M3", 64)
     load_fails(path, CheckpointError, "'model.norm.weight'", "F8_E4M3")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_edits import WEIGHTS, edit_tensors, edit_config
+from checkpoint_edits import edit_config, edit_tensors
 import gemma4_jax
 import hf_models
 from gemma4_jax import CheckpointError, ConfigError, drafter
