@@ -123,16 +123,14 @@ def target_kv(target: Config, cache: kv.KVCache) -> dict:
     return {kind: (cache.k[i], cache.v[i], cache.pos[kind]) for kind, i in target.kv_layers.items()}
 
 
-def hidden(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
-    """The drafter's trunk at many query positions at once: x [B, T, 2*Dt] = [target embedding,
-    hidden or carry] per query, pos [B, T] each query's round position, views from `target_kv`.
-    Query t sees target keys at positions < pos[b, t] (sliding layers: the last `sliding_window + 1`
-    of them); queries do not see each other, so T independent draft steps run in one pass (training
-    feeds every position of a sequence at once). Returns (post-norm h [B, T, d], carry [B, T, Dt])."""
+def context(dcfg: DrafterConfig, pos: jax.Array, views: dict, dtype) -> tuple[dict, dict]:
+    """What the trunk needs besides its input, for query positions pos [B, T] over `views` (from
+    `target_kv`): per kind the RoPE tables and the attention parts [(k, v, mask [B, T, S])]. Query
+    t sees target keys at positions < pos[b, t] (sliding layers: the last `sliding_window + 1` of
+    them). The K draft steps of a round share one position, so they share one context."""
     cfg = dcfg.text
-    x = jnp.einsum("BTC,CD->BTD", x.astype(dparams["pre"].dtype), dparams["pre"])
-    tables = {SLIDING: model.rope_tables(pos, cfg.head_dim, cfg.rope_sliding, x.dtype),
-              FULL: model.rope_tables(pos, cfg.global_head_dim, cfg.rope_full, x.dtype)}
+    tables = {SLIDING: model.rope_tables(pos, cfg.head_dim, cfg.rope_sliding, dtype),
+              FULL: model.rope_tables(pos, cfg.global_head_dim, cfg.rope_full, dtype)}
     parts = {}
     q = pos[:, :, None]
     for kind, (k, v, kpos) in views.items():
@@ -141,6 +139,18 @@ def hidden(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, vie
         if kind == SLIDING:
             mask &= kp >= q - 1 - cfg.sliding_window
         parts[kind] = [(k, v, mask)]
+    return tables, parts
+
+
+def hidden(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict, ctx=None):
+    """The drafter's trunk at many query positions at once: x [B, T, 2*Dt] = [target embedding,
+    hidden or carry] per query, pos [B, T] each query's round position, views from `target_kv`
+    (`ctx`: their `context`, when already computed). Queries do not see each other, so T
+    independent draft steps run in one pass (training feeds every position of a sequence at once).
+    Returns (post-norm h [B, T, d], carry [B, T, Dt])."""
+    cfg = dcfg.text
+    x = jnp.einsum("BTC,CD->BTD", x.astype(dparams["pre"].dtype), dparams["pre"])
+    tables, parts = ctx if ctx is not None else context(dcfg, pos, views, x.dtype)
     for i, spec in enumerate(cfg.layers):
         cos, sin = tables[spec.kind]
         with jax.named_scope(f"draft_layer_{i}"):
@@ -149,17 +159,18 @@ def hidden(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, vie
     return h, jnp.einsum("BTD,DC->BTC", h, dparams["post"])
 
 
-def forward(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
+def forward(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict, ctx=None):
     """Draft steps at query positions pos [B, T] (see `hidden`). Returns (float32 logits [B, T, V],
     carry [B, T, Dt])."""
-    h, carry = hidden(dparams, dcfg, x, pos, views)
+    h, carry = hidden(dparams, dcfg, x, pos, views, ctx)
     return head(dparams, dcfg, h), carry
 
 
-def step(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict):
+def step(dparams: dict, dcfg: DrafterConfig, x: jax.Array, pos: jax.Array, views: dict, ctx=None):
     """One draft step. x [B, 1, 2*Dt] = [target embedding, hidden or carry]; pos [B] the round's
-    position; views from `target_kv`. Returns (float32 logits [B, 1, V], carry [B, 1, Dt])."""
-    return forward(dparams, dcfg, x, pos[:, None], views)
+    position; views from `target_kv`; ctx (optional) = context(dcfg, pos[:, None], views, dtype),
+    computed once per round. Returns (float32 logits [B, 1, V], carry [B, 1, Dt])."""
+    return forward(dparams, dcfg, x, pos[:, None], views, ctx)
 
 
 def head(dparams: dict, dcfg: DrafterConfig, h: jax.Array) -> jax.Array:

@@ -62,12 +62,14 @@ class DrafterProposals:
 
     def __call__(self, dparams, ctx: DraftContext, key, K: int, warp: Warp):
         views = drafter_lib.target_kv(ctx.target_cfg, ctx.cache)
+        # every step of the round sits at one position: RoPE tables and masks once per round
+        round_ctx = drafter_lib.context(self.dcfg, ctx.pos[:, None], views, dparams["pre"].dtype)
 
         def one(carry, k):
             tok, h = carry
             x = jnp.concatenate([model.embed(ctx.target_params, ctx.target_cfg, tok[:, None]),
                                  h[:, None].astype(ctx.hidden.dtype)], axis=-1)
-            logits, h = drafter_lib.step(dparams, self.dcfg, x, ctx.pos, views)
+            logits, h = drafter_lib.step(dparams, self.dcfg, x, ctx.pos, views, round_ctx)
             q = jnp.zeros((0,), jnp.float32) if warp.greedy else warp.probs(logits[:, 0])
             d = jnp.argmax(logits[:, 0], -1).astype(jnp.int32) if warp.greedy else sampling.sample(k, q)
             return (d, h[:, 0]), (d, q)
