@@ -4,8 +4,9 @@
   python benchmarks/speculative.py --target /tmp/bench/target --drafter /tmp/bench/drafter \
       --batch-sizes 1,4 --max-new-tokens 48 --hf [--json out.json]
 
-Per batch size, in one process: the first call of plain and of speculative greedy `generate` (it
-compiles), then `--repeats` timed calls of each whose median is the steady state. Tokens/s are new
+Per batch size B, in one process, every prompt runs, in batches of B (the last batch filled up from
+the first prompts): the first call of plain and of speculative greedy `generate` (it compiles), then
+`--repeats` timed calls per batch whose median is the steady state; times add up over batches. Tokens/s are new
 tokens over the wall time of a whole `generate` call (prefill included). The stop token is ignored
 so that every row produces exactly `--max-new-tokens` tokens: rows of equal length make the two
 modes comparable (and random models emit <eos> early). Speculative greedy output must equal plain
@@ -39,8 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--drafter", help="assistant (MTP drafter) checkpoint directory (HF format)")
     p.add_argument("--prompts", help="file with one JSON list of token ids per line; absent or 'none': random "
                                      "token ids of varied lengths (seeded)")
-    p.add_argument("--batch-sizes", default="1,4", help="comma-separated; batch B takes the first B prompts "
-                                                        "(cycled when there are fewer)")
+    p.add_argument("--batch-sizes", default="1,4", help="comma-separated; at batch B the prompts run B at a time")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--num-draft-tokens", type=int, default=None,
                    help="K drafts per verify step (default: what generate() would choose)")
@@ -206,26 +206,52 @@ def compare(a: list[list[int]], b: list[list[int]]) -> dict:
     return out
 
 
-def bench_ours(model, drafter, prompts, args, K):
+def groups_of(prompts, b: int) -> list[list[list[int]]]:
+    """Every prompt in batches of b; the last batch is filled up from the start (cycled)."""
+    n = -(-len(prompts) // b)
+    return [[prompts[(g * b + i) % len(prompts)] for i in range(b)] for g in range(n)]
+
+
+def bench_ours(model, drafter, batches, args, K):
+    """Plain and speculative greedy generate over each batch of prompts; times are the sum of each
+    batch's median, telemetry the sum over batches. The first batch's warm-up call compiles."""
     from gemma4_jax.generate import generate
 
-    def run(d):
+    def run(d, prompts):
         return generate(model, prompts, drafter=d, max_new_tokens=args.max_new_tokens,
                         num_draft_tokens=K if d is not None else None, stop_tokens=[])
 
-    plain_t, plain = measure(lambda: run(None), args.repeats)
-    spec_t, spec = measure(lambda: run(drafter), args.repeats)
-    new_plain = sum(map(len, plain.tokens))
-    new_spec = sum(map(len, spec.tokens))
-    st = spec.stats
-    plain_t.update(new_tokens=new_plain, tokens_per_s=new_plain / plain_t["median_s"])
-    spec_t.update(new_tokens=new_spec, tokens_per_s=new_spec / spec_t["median_s"],
-                  verify_steps=st["verify_steps"], accepted_drafts=st["accepted_drafts"],
-                  mean_tokens_per_step=st["mean_tokens_per_step"], accept_histogram=st["accept_histogram"],
-                  draft_acceptance=st["accepted_drafts"] / (st["verify_steps"] * K) if st["verify_steps"] else 0.0)
-    return {"batch_size": len(prompts), "prompt_lengths": [len(p) for p in prompts], "plain": plain_t,
+    out = {}
+    for name, d in (("plain", None), ("speculative", drafter)):
+        total = {"median_s": 0.0, "new_tokens": 0, "verify_steps": 0, "accepted_drafts": 0,
+                 "accept_histogram": np.zeros(K + 1, np.int64)}
+        tokens = []
+        for i, batch in enumerate(batches):
+            t, res = measure(lambda: run(d, batch), args.repeats)
+            if i == 0:
+                total.update(first_call_s=t["first_call_s"], compile_s=t["compile_s"])
+            total["median_s"] += t["median_s"]
+            total["new_tokens"] += sum(map(len, res.tokens))
+            if d is not None:
+                for k in ("verify_steps", "accepted_drafts"):
+                    total[k] += res.stats[k]
+                total["accept_histogram"] += np.asarray(res.stats["accept_histogram"])
+            tokens += res.tokens
+        total["tokens_per_s"] = total["new_tokens"] / total["median_s"]
+        if d is None:
+            for k in ("verify_steps", "accepted_drafts", "accept_histogram"):
+                total.pop(k)
+        else:
+            steps = total["verify_steps"]
+            total["accept_histogram"] = total["accept_histogram"].tolist()
+            total["mean_tokens_per_step"] = (total["new_tokens"] - sum(map(len, batches))) / steps if steps else 0.0
+            total["draft_acceptance"] = total["accepted_drafts"] / (steps * K) if steps else 0.0
+        out[name] = (total, tokens)
+    (plain_t, plain), (spec_t, spec) = out["plain"], out["speculative"]
+    lens = [len(p) for batch in batches for p in batch]
+    return {"batch_size": len(batches[0]), "batches": len(batches), "prompt_lengths": lens, "plain": plain_t,
             "speculative": spec_t, "speedup": spec_t["tokens_per_s"] / plain_t["tokens_per_s"],
-            "lossless": compare(spec.tokens, plain.tokens)}, plain.tokens
+            "lossless": compare(spec, plain)}, plain
 
 
 def bench_hf(args, prompt, K, ours_plain):
@@ -280,22 +306,24 @@ def report(meta, results, hf) -> str:
         f"median of {meta['repeats']} calls after a warm-up",
         "",
     ]
-    head = ("batch", "prompt lens", "compile s", "plain tok/s", "spec tok/s", "speedup", "tok/step",
+    head = ("batch", "calls", "prompt lens", "compile s", "plain tok/s", "spec tok/s", "speedup", "tok/step",
             "draft acc", "accept hist (0..K)", "spec == plain")
     rows = []
     for r in results:
         p, s = r["plain"], r["speculative"]
         lens = r["prompt_lengths"]
-        rows.append((str(r["batch_size"]), f"{min(lens)}-{max(lens)}" if len(lens) > 1 else str(lens[0]),
+        rows.append((str(r["batch_size"]), str(r["batches"]), f"{min(lens)}-{max(lens)}" if len(lens) > 1 else str(lens[0]),
                      f"{p['compile_s']:.1f} / {s['compile_s']:.1f}", f"{p['tokens_per_s']:.1f}",
                      f"{s['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", f"{s['mean_tokens_per_step']:.2f}",
                      f"{100 * s['draft_acceptance']:.1f}%", " ".join(map(str, s["accept_histogram"])),
                      yes(r["lossless"])))
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.rjust(w) if i < 8 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    fmt = lambda row: "  ".join(c.rjust(w) if i < 9 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
     lines += [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-    lines += ["", "tok/s: new tokens of all rows per second of a whole generate call (prefill included); "
-                  "compile s: first call minus steady state (plain / spec);",
+    lines += ["", "calls: every prompt runs at every batch size, in this many batches (the last one filled up "
+                  "from the first prompts); times are the sum of each batch's median;",
+              "tok/s: new tokens of all rows per second of whole generate calls (prefill included); "
+              "compile s: first call minus steady state (plain / spec);",
               "tok/step: new tokens per verify step; draft acc: accepted / proposed drafts; accept hist: verify "
               "steps with 0, 1, .., K drafts accepted (all rows)."]
     if hf is not None:
@@ -351,12 +379,13 @@ def main(argv=None):
             "python": platform.python_version(), "prompts": args.prompts or f"random (seed {args.seed})"}
     results, ours_b1 = [], None
     for b in args.batch_sizes:
-        batch = [prompts[i % len(prompts)] for i in range(b)]
-        print(f"batch {b}: timing plain and speculative generate ...", file=sys.stderr, flush=True)
-        r, plain_tokens = bench_ours(model, drafter, batch, args, K)
+        batches = groups_of(prompts, b)
+        print(f"batch {b}: timing plain and speculative generate on {len(batches)} batches ...", file=sys.stderr,
+              flush=True)
+        r, plain_tokens = bench_ours(model, drafter, batches, args, K)
         results.append(r)
         if b == 1:
-            ours_b1 = plain_tokens
+            ours_b1 = plain_tokens[:1]
 
     hf = None
     if args.hf:
