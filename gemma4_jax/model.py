@@ -85,7 +85,8 @@ def per_layer_inputs(params: dict, cfg: Config, tokens: jax.Array, x: jax.Array)
 def attention(q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
     """Grouped-query attention of q [B, T, N, H] over key parts (k, v [B, S, K, H], mask [B, T, S]),
     with one softmax across all parts. Scale 1.0 (q and k are RMS-normalised). Logits and softmax
-    in fp32: head dims are 256/512 and Gemma 4 has no attention soft-cap."""
+    in fp32: head dims are 256/512 and Gemma 4 has no attention soft-cap. Returns [B, K, G, T, H]
+    (N = K * G): the layout the dot produces, which the output projection contracts as is."""
     B, T, N, H = q.shape
     K = parts[0][0].shape[2]
     qg = q.reshape(B, T, K, N // K, H)
@@ -97,9 +98,9 @@ def attention(q: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]])
     out, start = 0.0, 0
     for k, v, _ in parts:
         S = k.shape[1]
-        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., start:start + S], v, preferred_element_type=f32)
+        out = out + jnp.einsum("BKGTS,BSKH->BKGTH", probs[..., start:start + S], v, preferred_element_type=f32)
         start += S
-    return out.astype(q.dtype).reshape(B, T, N, H)
+    return out.astype(q.dtype)
 
 
 def mlp(p: dict, x: jax.Array) -> jax.Array:
@@ -172,7 +173,9 @@ def decoder_layer(p: dict, cfg: Config, x: jax.Array, cos: jax.Array, sin: jax.A
     h = rms_norm(x, p["attn_norm"], eps)
     q = apply_rope(rms_norm(jnp.einsum("BTD,DNH->BTNH", h, a["q"]), a["q_norm"], eps), cos, sin)
     parts = kv_parts(h)
-    o = jnp.einsum("BTNH,NHD->BTD", attention(q, parts), a["o"])
+    out = attention(q, parts)
+    K, G = out.shape[1], out.shape[2]
+    o = jnp.einsum("BKGTH,KGHD->BTD", out, a["o"].reshape(K, G, *a["o"].shape[1:]))
     x = residual + rms_norm(o, p["post_attn_norm"], eps)
 
     residual = x
