@@ -62,9 +62,19 @@ def main(argv=None) -> int:
     p.add_argument("--drafter-steps", type=int, default=400)
     p.add_argument("--drafter-lr", type=float, default=3e-3)
     p.add_argument("--drafter-hidden", type=int, default=128)
+    p.add_argument("--drafter-layers", type=int, default=1,
+                   help="decoder layers of the drafter (1: one full-attention layer, 1/8 of the target's depth)")
+    p.add_argument("--init-target", metavar="DIR",
+                   help="continue training from this target checkpoint (e.g. a previous build's DIR/target); "
+                        "with --target-steps 0 it is used as is")
+    p.add_argument("--init-drafter", metavar="DIR",
+                   help="continue distilling from this drafter checkpoint (its shape must match the --drafter-* options)")
+    p.add_argument("--distill-temperatures", default="0,0.7",
+                   help="the target continues corpus prefixes at each of these temperatures (0: greedy), "
+                        "an equal share of the distillation sequences each")
     p.add_argument("--draft-len", type=int, default=4)
     p.add_argument("--distill-sequences", type=int, default=256)
-    p.add_argument("--loss", choices=train.LOSSES, default="kl")
+    p.add_argument("--loss", choices=train.LOSSES, default="ce")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     command = "python -m gemma4_jax.demo_build " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -84,26 +94,39 @@ def main(argv=None) -> int:
     print(f"corpus: {len(manifest['files'])} files, {len(ids)} training tokens", file=sys.stderr)
     tok_dir = os.path.dirname(tok_path)
 
-    cfg = target_config(tok.vocab_size)
+    import gemma4_jax
+
+    cfg, init = target_config(tok.vocab_size), None
+    if args.init_target:
+        start = gemma4_jax.load(args.init_target, dtype="float32")
+        if start.config != cfg:
+            raise SystemExit(f"--init-target {args.init_target}: its config differs from the demo target's")
+        init = start.params
     log_t = _log("target")
     t1 = time.time()
-    tparams = train.pretrain(cfg, train.window_batches(ids, args.seq_len + 1, args.batch_size, args.seed),
-                             steps=args.target_steps, lr=args.target_lr, seed=args.seed, on_step=log_t, log_every=50)
+    if args.target_steps:
+        tparams = train.pretrain(cfg, train.window_batches(ids, args.seq_len + 1, args.batch_size, args.seed),
+                                 steps=args.target_steps, lr=args.target_lr, seed=args.seed, params=init,
+                                 on_step=log_t, log_every=50)
+    elif init is not None:
+        tparams = init
+    else:
+        raise SystemExit("--target-steps 0 needs --init-target")
     target_seconds = time.time() - t1
     gen = {"bos_token_id": 2, "eos_token_id": EOS_IDS, "pad_token_id": 0}
     tdir = export.export_target(os.path.join(args.out, "target"), cfg, _bf16(tparams), generation_config=gen,
                                 extra_files=export.tokenizer_files(tok_dir), overwrite=True)
 
-    # The drafter learns from the target's own continuations of corpus prefixes (sampled at 0.7).
-    import gemma4_jax
-
+    # The drafter learns from the target's own continuations of corpus prefixes (greedy and sampled).
     target = gemma4_jax.load(tdir, dtype="float32")
     rng = np.random.default_rng(args.seed)
     starts = rng.integers(0, len(ids) - 64, args.distill_sequences)
     prompts = [ids[s: s + 32].tolist() for s in starts]
+    temps = [float(t) for t in args.distill_temperatures.split(",")]
     t2 = time.time()
-    seqs = np.concatenate([train.sample_sequences(target, prompts[i: i + 64], args.seq_len + 1, temperature=0.7,
-                                                  seed=args.seed + i) for i in range(0, len(prompts), 64)])
+    seqs = np.concatenate([train.sample_sequences(target, prompts[i: i + 64], args.seq_len + 1,
+                                                  temperature=temps[(i // 64) % len(temps)], seed=args.seed + i)
+                           for i in range(0, len(prompts), 64)])
     corpus_windows = train.window_batches(ids, args.seq_len + 1, args.batch_size // 2, args.seed + 1)
 
     def mixed():
@@ -111,10 +134,18 @@ def main(argv=None) -> int:
         while True:
             yield np.concatenate([seqs[r.integers(0, len(seqs), args.batch_size // 2)], next(corpus_windows)])
 
-    dcfg = train.drafter_config_for(cfg, hidden_size=args.drafter_hidden, intermediate_size=4 * args.drafter_hidden)
+    dcfg = train.drafter_config_for(cfg, hidden_size=args.drafter_hidden, num_layers=args.drafter_layers,
+                                    intermediate_size=4 * args.drafter_hidden)
+    dinit = None
+    if args.init_drafter:
+        start = gemma4_jax.load(args.init_drafter, dtype="float32")
+        if start.config != dcfg:
+            raise SystemExit(f"--init-drafter {args.init_drafter}: its config differs from the --drafter-* options")
+        dinit = start.params
     log_d = _log("drafter")
     dparams = train.distill(target.params, cfg, dcfg, mixed(), steps=args.drafter_steps, lr=args.drafter_lr,
-                            seed=args.seed, draft_len=args.draft_len, loss=args.loss, on_step=log_d, log_every=25)
+                            seed=args.seed, draft_len=args.draft_len, loss=args.loss, dparams=dinit,
+                            on_step=log_d, log_every=25)
     drafter_seconds = time.time() - t2
     export.export_drafter(os.path.join(args.out, "drafter"), dcfg, _bf16(dparams), generation_config=gen,
                           num_assistant_tokens=args.draft_len, extra_files=export.tokenizer_files(tok_dir),
@@ -134,6 +165,16 @@ def _bf16(params):
 def _write_readme(args, command, manifest, n_tokens, t_last, d_last, t_sec, d_sec, total):
     import platform
 
+    start = f"continued from `{args.init_target}`" if args.init_target else f"from random init (seed {args.seed})"
+    target_line = f"- target: {start}"
+    if args.target_steps:
+        target_line += (f", {args.target_steps} AdamW steps, batch {args.batch_size} x {args.seq_len} tokens, "
+                        f"lr {args.target_lr}, data seed {args.seed};\n  final training loss {t_last[1]:.3f} "
+                        f"(step {t_last[0]}); {t_sec / 60:.1f} min.")
+    else:
+        target_line += ", not trained further."
+
+    dstart = f", continued from `{args.init_drafter}`" if args.init_drafter else ""
     text = f"""# The demo pair
 
 A small Gemma-4-architecture target (`target/`, Gemma4ForCausalLM layout) and an MTP drafter
@@ -148,11 +189,11 @@ Regenerate (same CPython version: the corpus is sha256-checked against `corpus_m
 - corpus: {len(manifest['files'])} stdlib files of CPython {manifest.get('python_version', platform.python_version())}
   (train split, {n_tokens} tokens with the sentencepiece tokenizer trained on it, vocab {args.vocab_size});
   held-out files are marked `heldout` in the manifest.
-- target: {args.target_steps} AdamW steps, batch {args.batch_size} x {args.seq_len} tokens, lr {args.target_lr},
-  seed {args.seed}; final training loss {t_last[1]:.3f} (step {t_last[0]}); {t_sec / 60:.1f} min.
-- drafter: {args.drafter_steps} steps of distillation ({args.loss}), {args.draft_len} unrolled draft steps,
-  on the target's own continuations of corpus prefixes (temperature 0.7) mixed with corpus windows;
-  final loss {d_last[1]:.3f}; {d_sec / 60:.1f} min (including sampling the continuations).
+{target_line}
+- drafter: {args.drafter_layers} decoder layer(s) of width {args.drafter_hidden}{dstart}; {args.drafter_steps} steps of
+  distillation ({args.loss}), {args.draft_len} unrolled draft steps, on the target's own continuations of corpus
+  prefixes (temperatures {args.distill_temperatures}) mixed with corpus windows; final loss {d_last[1]:.3f};
+  {d_sec / 60:.1f} min (including sampling the continuations).
 - total {total / 60:.1f} min on {os.cpu_count()} CPU cores; weights stored in bfloat16.
 """
     with open(os.path.join(args.out, "README.md"), "w") as f:

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,20 +40,42 @@ def test_heldout_speculative_greedy_is_lossless_and_accepts_drafts(pair, prompts
     assert spec.stats["mean_tokens_per_step"] >= 2.5
 
 
-def test_transformers_loads_the_pair_and_agrees_token_for_token(pair, prompts):
-    from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+@pytest.fixture(scope="module")
+def hf_target():
+    from transformers import Gemma4ForCausalLM
 
-    hf_models.patch_all_reuse_drafter()
     hf = Gemma4ForCausalLM.from_pretrained(cli.DEMO_TARGET, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
-    ours = generate(pair[0], prompts[:6], max_new_tokens=24, stop_tokens=[]).tokens
-    for p, o in zip(prompts[:6], ours):
+    return hf
+
+
+def test_bf16_argmax_matches_the_fp32_reference_on_heldout_text(hf_target, prompts):
+    """Issue 2's bf16 criterion, on a trained model (random tiny models are too flat for it, see
+    test_parity): our bf16 forward picks transformers' fp32 argmax at >= 99% of held-out positions."""
+    bf16 = gemma4_jax.load(cli.DEMO_TARGET, dtype="bfloat16")
+    same = []
+    for p in prompts:
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False)
+            ref = hf_target(torch.tensor([p])).logits[0].argmax(-1).numpy()
+        same.append(bf16.logits(p)[0].argmax(-1) == ref)
+    same = np.concatenate(same)
+    assert len(same) >= 1000
+    assert same.mean() >= 0.99
+
+
+def test_transformers_loads_the_pair_and_agrees_token_for_token(pair, prompts, hf_target):
+    from transformers import Gemma4AssistantForCausalLM
+
+    hf_models.patch_all_reuse_drafter()
+    hf = hf_target
+    ours = generate(pair[0], prompts, max_new_tokens=32, stop_tokens=[]).tokens
+    for p, o in zip(prompts, ours):  # every held-out prompt
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)
         assert ref[0, len(p):].tolist() == o
     assistant = Gemma4AssistantForCausalLM.from_pretrained(cli.DEMO_DRAFTER, dtype=torch.float32).eval()
     assistant.generation_config.num_assistant_tokens = 4
     with torch.no_grad():
-        assisted = hf.generate(torch.tensor([prompts[0]]), assistant_model=assistant, max_new_tokens=24,
+        assisted = hf.generate(torch.tensor([prompts[0]]), assistant_model=assistant, max_new_tokens=32,
                                do_sample=False)
     assert assisted[0, len(prompts[0]):].tolist() == ours[0]
