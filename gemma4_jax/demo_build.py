@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--loss", choices=train.LOSSES, default="ce")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not args.target_steps and not args.init_target:
+        p.error("--target-steps 0 needs --init-target")
     command = "python -m gemma4_jax.demo_build " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -96,22 +98,16 @@ def main(argv=None) -> int:
 
     import gemma4_jax
 
-    cfg, init = target_config(tok.vocab_size), None
-    if args.init_target:
-        start = gemma4_jax.load(args.init_target, dtype="float32")
-        if start.config != cfg:
-            raise SystemExit(f"--init-target {args.init_target}: its config differs from the demo target's")
-        init = start.params
+    cfg = target_config(tok.vocab_size)
+    init = _init_params(args.init_target, cfg, "--init-target", "the demo target's")
     log_t = _log("target")
     t1 = time.time()
     if args.target_steps:
         tparams = train.pretrain(cfg, train.window_batches(ids, args.seq_len + 1, args.batch_size, args.seed),
                                  steps=args.target_steps, lr=args.target_lr, seed=args.seed, params=init,
                                  on_step=log_t, log_every=50)
-    elif init is not None:
-        tparams = init
     else:
-        raise SystemExit("--target-steps 0 needs --init-target")
+        tparams = init
     target_seconds = time.time() - t1
     gen = {"bos_token_id": 2, "eos_token_id": EOS_IDS, "pad_token_id": 0}
     tdir = export.export_target(os.path.join(args.out, "target"), cfg, _bf16(tparams), generation_config=gen,
@@ -136,12 +132,7 @@ def main(argv=None) -> int:
 
     dcfg = train.drafter_config_for(cfg, hidden_size=args.drafter_hidden, num_layers=args.drafter_layers,
                                     intermediate_size=4 * args.drafter_hidden)
-    dinit = None
-    if args.init_drafter:
-        start = gemma4_jax.load(args.init_drafter, dtype="float32")
-        if start.config != dcfg:
-            raise SystemExit(f"--init-drafter {args.init_drafter}: its config differs from the --drafter-* options")
-        dinit = start.params
+    dinit = _init_params(args.init_drafter, dcfg, "--init-drafter", "the --drafter-* options'")
     log_d = _log("drafter")
     dparams = train.distill(target.params, cfg, dcfg, mixed(), steps=args.drafter_steps, lr=args.drafter_lr,
                             seed=args.seed, draft_len=args.draft_len, loss=args.loss, dparams=dinit,
@@ -155,11 +146,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _bf16(params):
-    import jax
-    import jax.numpy as jnp
+def _init_params(path, cfg, flag: str, expected: str):
+    """Float32 parameters of the checkpoint at `path` (None: none), whose config must be `cfg`."""
+    if not path:
+        return None
+    import gemma4_jax
 
-    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    start = gemma4_jax.load(path, dtype="float32")
+    if start.config != cfg:
+        raise SystemExit(f"{flag} {path}: its config differs from {expected}")
+    return start.params
+
+
+def _bf16(params):
+    return train._cast(params, "bfloat16")
 
 
 def _write_readme(args, command, manifest, n_tokens, t_last, d_last, t_sec, d_sec, total):
