@@ -249,9 +249,29 @@ def bench_ours(model, drafter, batches, args, K):
         out[name] = (total, tokens)
     (plain_t, plain), (spec_t, spec) = out["plain"], out["speculative"]
     lens = [len(p) for batch in batches for p in batch]
+    lossless = compare(spec, plain)
+    if not lossless["equal"]:
+        lossless["divergences"] = divergences(model, [p for batch in batches for p in batch], plain, spec,
+                                              lossless["rows_differing"][:5])
     return {"batch_size": len(batches[0]), "batches": len(batches), "prompt_lengths": lens, "plain": plain_t,
             "speculative": spec_t, "speedup": spec_t["tokens_per_s"] / plain_t["tokens_per_s"],
-            "lossless": compare(spec, plain)}, plain
+            "lossless": lossless}, plain
+
+
+def divergences(model, prompts, plain, spec, rows) -> list[dict]:
+    """Where speculative and plain greedy part: the target's logits (one prefill over prompt + the common
+    prefix) of the two tokens chosen there. A gap near the dtype's rounding error is a near-tie that the
+    K+1-token verify pass and the 1-token plain step round differently (bf16 does this); a large gap is a bug."""
+    out = []
+    for i in rows:
+        j = next((k for k, (a, b) in enumerate(zip(plain[i], spec[i])) if a != b), None)
+        if j is None:
+            continue
+        logits = np.asarray(model.logits([list(prompts[i]) + list(plain[i][:j])]), np.float32)[0, -1]
+        a, b = int(plain[i][j]), int(spec[i][j])
+        out.append({"row": i, "index": j, "plain_token": a, "spec_token": b, "plain_logit": float(logits[a]),
+                    "spec_logit": float(logits[b]), "top_logit": float(logits.max())})
+    return out
 
 
 def bench_hf(args, prompt, K, ours_plain):
@@ -294,7 +314,9 @@ def yes(c: dict) -> str:
     if c["equal"]:
         return "yes"
     d = c["first_difference"]
-    return f"NO (rows {c['rows_differing']} differ; first at row {d['row']} token {d['index']})"
+    gaps = [abs(v["plain_logit"] - v["spec_logit"]) for v in c.get("divergences", [])]
+    gap = f"; target logit gap there <= {max(gaps):.4f}" if gaps else ""
+    return f"NO (rows {c['rows_differing']} differ; first at row {d['row']} token {d['index']}{gap})"
 
 
 def report(meta, results, hf) -> str:
@@ -325,7 +347,10 @@ def report(meta, results, hf) -> str:
               "tok/s: new tokens of all rows per second of whole generate calls (prefill included); "
               "compile s: first call minus steady state (plain / spec);",
               "tok/step: new tokens per verify step; draft acc: accepted / proposed drafts; accept hist: verify "
-              "steps with 0, 1, .., K drafts accepted (all rows)."]
+              "steps with 0, 1, .., K drafts accepted (all rows).",
+              "spec == plain: greedy outputs equal token for token; where a row differs, the target's logit gap "
+              "between the two tokens at the first difference (a gap within rounding error is a near-tie that "
+              "the (K+1)-token verify pass rounds differently from the 1-token plain step: expected in bfloat16)."]
     if hf is not None:
         p, a = hf["plain"], hf["assisted"]
         lines += [
