@@ -35,8 +35,11 @@ def parse_args(argv=None):
         args.rows = [int(r) for r in args.rows.split(",")]
     except ValueError:
         p.error("--shapes takes DxF pairs like 256x768, --rows integers")
-    if any(len(s) != 2 or min(s) < 1 for s in args.shapes) or min(args.rows) < 1 or args.layers < 1:
-        p.error("shapes, rows and layers must be positive")
+    if any(len(s) != 2 for s in args.shapes):
+        p.error("--shapes takes DxF pairs like 256x768")
+    if min(min(s) for s in args.shapes) < 1 or min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
+        p.error("shapes, rows, --layers and --repeats must be positive")
+    args.rows = sorted(set(args.rows))
     return args
 
 
