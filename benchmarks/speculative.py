@@ -6,8 +6,9 @@
 
 Per batch size B, in one process, every prompt runs, in batches of B (the last batch filled up from
 the first prompts): the first call of plain and of speculative greedy `generate` (it compiles), then
-`--repeats` timed calls per batch whose median is the steady state; times add up over batches. Tokens/s are new
-tokens over the wall time of a whole `generate` call (prefill included). The stop token is ignored
+`--repeats` rounds that time one plain and one speculative call each, interleaved so that a slow
+spell of the machine hits both alike; each mode's median per batch is its steady state, and times
+add up over batches. Tokens/s are new tokens over the wall time of a whole `generate` call (prefill included). The stop token is ignored
 so that every row produces exactly `--max-new-tokens` tokens: rows of equal length make the two
 modes comparable (and random models emit <eos> early). Speculative greedy output must equal plain
 greedy output token for token; the script prints whether it does.
@@ -20,6 +21,7 @@ transformers 5.23.0 needs (see `patch_transformers`).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -183,17 +185,29 @@ def read_prompts(path, vocab: int, count: int, seed: int, lengths: tuple[int, in
 
 def measure(call, repeats: int):
     """One warm-up call (compiles), then `repeats` timed calls. Returns (timings, last result)."""
-    start = time.perf_counter()
-    result = call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+    timings, results = measure_interleaved({"call": call}, repeats)
+    return timings["call"], results["call"]
+
+
+def measure_interleaved(calls: dict, repeats: int):
+    """A warm-up call of each (compiles), then `repeats` rounds that time each call once, in turn, so
+    that a slow spell of the machine hits every call alike. Returns ({name: timings}, {name: last result})."""
+    first, results, times = {}, {}, {name: [] for name in calls}
+    for name, call in calls.items():
         start = time.perf_counter()
-        result = call()  # generate() returns host values: the time covers the whole computation
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"first_call_s": first, "compile_s": max(first - median, 0.0), "median_s": median,
-            "times_s": times}, result
+        results[name] = call()
+        first[name] = time.perf_counter() - start
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            results[name] = call()  # generate() returns host values: the time covers the whole computation
+            times[name].append(time.perf_counter() - start)
+    timings = {}
+    for name in calls:
+        median = statistics.median(times[name])
+        timings[name] = {"first_call_s": first[name], "compile_s": max(first[name] - median, 0.0),
+                         "median_s": median, "times_s": times[name]}
+    return timings, results
 
 
 def compare(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -213,21 +227,24 @@ def groups_of(prompts, b: int) -> list[list[list[int]]]:
 
 
 def bench_ours(model, drafter, batches, args, K):
-    """Plain and speculative greedy generate over each batch of prompts; times are the sum of each
-    batch's median, telemetry the sum over batches. The first batch's warm-up call compiles."""
+    """Plain and speculative greedy generate over each batch of prompts, their timed calls interleaved;
+    times are the sum of each batch's median, telemetry the sum over batches. The first batch's
+    warm-up calls compile."""
     from gemma4_jax.generate import generate
 
     def run(d, prompts):
         return generate(model, prompts, drafter=d, max_new_tokens=args.max_new_tokens,
                         num_draft_tokens=K if d is not None else None, stop_tokens=[])
 
-    out = {}
-    for name, d in (("plain", None), ("speculative", drafter)):
-        total = {"median_s": 0.0, "new_tokens": 0, "verify_steps": 0, "accepted_drafts": 0,
-                 "accept_histogram": np.zeros(K + 1, np.int64)}
-        tokens = []
-        for i, batch in enumerate(batches):
-            t, res = measure(lambda: run(d, batch), args.repeats)
+    modes = {"plain": None, "speculative": drafter}
+    totals = {name: {"median_s": 0.0, "new_tokens": 0, "verify_steps": 0, "accepted_drafts": 0,
+                     "accept_histogram": np.zeros(K + 1, np.int64)} for name in modes}
+    tokens = {name: [] for name in modes}
+    for i, batch in enumerate(batches):
+        timings, results = measure_interleaved(
+            {name: functools.partial(run, d, batch) for name, d in modes.items()}, args.repeats)
+        for name, d in modes.items():
+            t, res, total = timings[name], results[name], totals[name]
             if i == 0:
                 total.update(first_call_s=t["first_call_s"], compile_s=t["compile_s"])
             total["median_s"] += t["median_s"]
@@ -236,7 +253,10 @@ def bench_ours(model, drafter, batches, args, K):
                 for k in ("verify_steps", "accepted_drafts"):
                     total[k] += res.stats[k]
                 total["accept_histogram"] += np.asarray(res.stats["accept_histogram"])
-            tokens += res.tokens
+            tokens[name] += res.tokens
+    out = {}
+    for name, d in modes.items():
+        total = totals[name]
         total["tokens_per_s"] = total["new_tokens"] / total["median_s"]
         if d is None:
             for k in ("verify_steps", "accepted_drafts", "accept_histogram"):
@@ -246,7 +266,7 @@ def bench_ours(model, drafter, batches, args, K):
             total["accept_histogram"] = total["accept_histogram"].tolist()
             total["mean_tokens_per_step"] = (total["new_tokens"] - sum(map(len, batches))) / steps if steps else 0.0
             total["draft_acceptance"] = total["accepted_drafts"] / (steps * K) if steps else 0.0
-        out[name] = (total, tokens)
+        out[name] = (total, tokens[name])
     (plain_t, plain), (spec_t, spec) = out["plain"], out["speculative"]
     lens = [len(p) for batch in batches for p in batch]
     lossless = compare(spec, plain)
