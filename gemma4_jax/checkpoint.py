@@ -31,6 +31,10 @@ _DTYPES = {
 }
 
 
+def _natural(v) -> bool:
+    return type(v) is int and v >= 0  # bool is an int subclass: refused
+
+
 class SafetensorsFile:
     """Lazy reader of one .safetensors file: the header is parsed and checked against the file size
     up front (a truncated download fails here, naming the file), tensors are memory-mapped on read."""
@@ -56,20 +60,37 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
         header.pop("__metadata__", None)
         self._base = 8 + n
-        self.entries = header
+        self.entries = {}
+        spans = []
         for name, e in header.items():
-            try:  # a malformed entry would otherwise surface as a KeyError/TypeError far from the file
-                dtype, shape, (begin, end) = e["dtype"], [int(d) for d in e["shape"]], \
-                    [int(o) for o in e["data_offsets"]]
-            except (TypeError, KeyError, ValueError):
+            # A malformed entry would otherwise surface far from the file, or read the wrong bytes.
+            try:
+                dtype, shape, offsets = e["dtype"], list(e["shape"]), list(e["data_offsets"])
+            except (TypeError, KeyError):
                 raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})") from None
+            if not (isinstance(dtype, str) and len(offsets) == 2 and all(_natural(v) for v in shape + offsets)):
+                raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r}: dtype, "
+                                      "shape and data_offsets must be a string and non-negative integers)")
             if dtype not in _DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            begin, end = offsets
+            if end - begin != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
             if self._base + end > size:
                 raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {self._base + end}, "
                                       f"file has {size}")
-            if end - begin != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+            self.entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+            spans.append((begin, end, name))
+        # As the safetensors format requires: the tensors tile the data area, no overlap, no gap.
+        at = 0
+        for begin, end, name in sorted(spans):
+            if begin != at:
+                raise CheckpointError(f"{path}: not a safetensors file (tensor {name!r} starts at data byte "
+                                      f"{begin}, expected {at}: tensors overlap or leave a gap)")
+            at = end
+        if self._base + at != size:
+            raise CheckpointError(f"{path}: {size - self._base - at} bytes after the last tensor "
+                                  "(not a safetensors file, or a corrupted one)")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -84,33 +105,17 @@ class SafetensorsFile:
 
 class Checkpoint:
     """All tensors of a checkpoint directory: `model.safetensors`, or shards listed in
-    `model.safetensors.index.json`."""
+    `model.safetensors.index.json`. Like transformers, a `model.safetensors` wins over an index next
+    to it (`save_pretrained` leaves a stale index behind when it rewrites a sharded checkpoint whole)."""
 
     def __init__(self, directory: str):
         index = os.path.join(directory, "model.safetensors.index.json")
         single = os.path.join(directory, "model.safetensors")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f).get("weight_map")
-            except (OSError, json.JSONDecodeError, AttributeError) as e:
-                raise CheckpointError(f"{index}: unreadable index ({e})") from None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index}: unreadable index (needs a 'weight_map' of tensor name -> file)")
-            files = {}
-            for shard in sorted(set(weight_map.values())):
-                path = os.path.join(directory, shard)
-                if not os.path.exists(path):
-                    raise CheckpointError(f"{index}: shard {shard!r} is missing from {directory}")
-                files[shard] = SafetensorsFile(path)
-            self.where = {}
-            for name, shard in weight_map.items():
-                if name not in files[shard].entries:
-                    raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard!r} but not found there")
-                self.where[name] = files[shard]
-        elif os.path.exists(single):
+        if os.path.exists(single):
             f = SafetensorsFile(single)
             self.where = {name: f for name in f.entries}
+        elif os.path.exists(index):
+            self.where = _sharded(directory, index)
         else:
             raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
@@ -122,6 +127,35 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         return self.where[name].read(name)
+
+
+def _sharded(directory: str, index: str) -> dict[str, SafetensorsFile]:
+    """Tensor name -> shard of an indexed checkpoint. Every shard tensor must be the one its index
+    names, and shards are plain file names in the directory (they may be symlinks, as in the HF cache)."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{index}: unreadable index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: unreadable index (needs a 'weight_map' of tensor name -> file)")
+    files = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(directory, shard)
+        if shard in ("", ".", "..") or os.path.basename(shard) != shard or (os.altsep and os.altsep in shard):
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file name in {directory}")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{index}: shard {shard!r} is missing from {directory}")
+        files[shard] = SafetensorsFile(path)
+    for name, shard in weight_map.items():
+        if name not in files[shard].entries:
+            raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard!r} but not found there")
+    for shard, f in files.items():
+        for name in f.entries:
+            if weight_map.get(name) != shard:
+                raise CheckpointError(f"{index}: shard {shard!r} holds tensor {name!r}, which the index "
+                                      + (f"places in {weight_map[name]!r}" if name in weight_map else "does not list"))
+    return {name: files[shard] for name, shard in weight_map.items()}
 
 
 # A rule: HF tensor name -> (expected HF shape, [(parameter path, transform from the HF array)]).
@@ -234,11 +268,28 @@ def convert(ckpt: Checkpoint, rules: dict[str, Rule], ignorable: set[str], skip:
         raw = ckpt.read(name)
         for path, fn in targets:
             p: Param = _get(decl, path)
+            _check_dtype(raw, p, name, where)
             value = np.asarray(fn(raw)).astype(p.dtype or dtype)
             assert value.shape == p.shape, (name, value.shape, p.shape)
+            if p.init == "arange" and not np.array_equal(np.sort(value.ravel()), np.arange(value.size)):
+                raise CheckpointError(f"{where}: tensor {name!r} must be a permutation of 0..{value.size - 1}")
             _set(out, path, _place(value, _get(shardings, path) if shardings is not None else None))
         del raw
     return out
+
+
+def _check_dtype(raw: np.ndarray, p: Param, name: str, where: str) -> None:
+    """Float parameters load from float32/bfloat16 (float64 too); float16 is refused rather than
+    silently re-rounded. Index tables load from integer tensors."""
+    if p.dtype is not None and np.issubdtype(np.dtype(p.dtype), np.integer):
+        if raw.dtype not in (np.int32, np.int64):
+            raise CheckpointError(f"{where}: tensor {name!r} is {raw.dtype}, expected int32 or int64")
+    elif raw.dtype == np.float16:
+        raise CheckpointError(f"{where}: tensor {name!r} is float16; gemma4-jax loads float32 and bfloat16 "
+                              "checkpoints only (float16 overflows Gemma 4's activations): convert the "
+                              "checkpoint to bfloat16 first")
+    elif raw.dtype not in (np.float32, np.float64, ml_dtypes.bfloat16):
+        raise CheckpointError(f"{where}: tensor {name!r} is {raw.dtype}, expected float32 or bfloat16")
 
 
 def _to_mutable(tree):

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from checkpoint_edits import WEIGHTS, read_tensors, write_tensors, edit_config
+from checkpoint_edits import WEIGHTS, edit_config, edit_tensors, read_tensors, write_tensors
 import gemma4_jax
 from conftest import prompts
 from gemma4_jax import CheckpointError, ConfigError
@@ -218,6 +218,70 @@ def test_unsupported_tensor_dtype_error_names_the_tensor(copy_of):
     load_fails(path, CheckpointError, "'model.norm.weight'", "F8_E4M3")
 
 
+def rewrite_header(path: str, fn) -> str:
+    """Rewrites the JSON header of the weights file with fn(header); the data bytes stay as they were."""
+    file = os.path.join(path, WEIGHTS)
+    with open(file, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8: 8 + n])
+    fn(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    return file
+
+
+@pytest.mark.parametrize("edit", ["negative_offset", "float_offsets", "bool_shape", "list_dtype"])
+def test_malformed_header_entry_is_refused_by_name(copy_of, edit):
+    """Entries that would read the header's own bytes as weights, or fail deep in numpy."""
+    path = copy_of("e2b")
+
+    def fn(h):
+        e = h["model.norm.weight"]
+        begin, end = e["data_offsets"]
+        if edit == "negative_offset":
+            e["data_offsets"] = [-16, end - begin - 16]
+        elif edit == "float_offsets":
+            e["data_offsets"] = [float(begin), float(end)]
+        elif edit == "bool_shape":
+            e["shape"] = [True] * len(e["shape"])
+        else:
+            e["dtype"] = [e["dtype"]]
+
+    file = rewrite_header(path, fn)
+    load_fails(path, CheckpointError, file, "'model.norm.weight'")
+
+
+def test_overlapping_tensors_are_refused(copy_of):
+    """Two tensors pointing at the same bytes would load one tensor's values as the other's."""
+    path = copy_of("e2b")
+
+    def fn(h):
+        h["model.norm.weight"]["data_offsets"] = list(h["model.layers.0.input_layernorm.weight"]["data_offsets"])
+
+    file = rewrite_header(path, fn)
+    load_fails(path, CheckpointError, file, "overlap")
+
+
+def test_trailing_bytes_after_the_tensors_are_refused(copy_of):
+    path = copy_of("e2b")
+    file = os.path.join(path, WEIGHTS)
+    with open(file, "ab") as f:
+        f.write(bytes(12))
+    load_fails(path, CheckpointError, file, "12 bytes after the last tensor")
+
+
+@pytest.mark.parametrize("dtype, needle", [(np.float16, "float16"), (np.int64, "int64"), (np.bool_, "bool")])
+def test_tensor_of_a_wrong_dtype_is_refused_by_name(copy_of, dtype, needle):
+    """float16 is not silently re-rounded to bf16, and integers are not cast to weights."""
+    path = copy_of("e2b")
+    edit_tensors(path, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(dtype)}))
+    for dt in ("float32", "bfloat16"):
+        load_fails(path, CheckpointError, "'model.norm.weight'", needle, dtype=dt)
+
+
 def test_directory_without_weights_error_names_the_directory(copy_of):
     path = copy_of("e2b")
     os.remove(os.path.join(path, WEIGHTS))
@@ -319,6 +383,36 @@ def test_index_listing_a_tensor_in_no_shard_names_the_tensor(copy_of):
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump(index, f)
     load_fails(path, CheckpointError, "'model.layers.0.ghost.weight'")
+
+
+def test_model_safetensors_wins_over_a_stale_index_as_in_transformers(copy_of, loaded):
+    """save_pretrained rewriting a sharded checkpoint as one file leaves the old index and shards."""
+    path = copy_of("e2b")
+    tensors = read_tensors(path)
+    shard(path, {k: v * 2 if k == "model.norm.weight" else v for k, v in tensors.items()})  # stale
+    write_tensors(path, tensors)
+    ours = gemma4_jax.load(path, dtype="float32").logits(TOKENS)
+    np.testing.assert_array_equal(ours, loaded("e2b").logits(TOKENS))
+
+
+def test_shard_tensor_the_index_does_not_list_is_refused(copy_of):
+    path = copy_of("e2b")
+    files = shard(path, read_tensors(path))
+    tensors = read_tensors(path, files[0])
+    tensors["model.layers.0.bogus.weight"] = np.zeros(4, np.float32)
+    write_tensors(path, tensors, files[0])
+    load_fails(path, CheckpointError, INDEX, "'model.layers.0.bogus.weight'", repr(files[0]), "does not list")
+
+
+def test_index_naming_a_file_outside_the_directory_is_refused(copy_of):
+    path = copy_of("e2b")
+    files = shard(path, read_tensors(path))
+    with open(os.path.join(path, INDEX)) as f:
+        index = json.load(f)
+    index["weight_map"] = {k: ("../elsewhere/" + v if v == files[0] else v) for k, v in index["weight_map"].items()}
+    with open(os.path.join(path, INDEX), "w") as f:
+        json.dump(index, f)
+    load_fails(path, CheckpointError, INDEX, "'../elsewhere/" + files[0] + "'")
 
 
 @pytest.mark.parametrize("content", ['{"weight_map": ', '{"metadata": {}}', '{"weight_map": ["a"]}'])

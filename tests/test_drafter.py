@@ -194,6 +194,22 @@ def test_saved_drafter_loads_as_drafter_with_its_config(dtype, drafters):
     np.testing.assert_array_equal(np.asarray(ordering), model.masked_embedding.token_ordering.numpy())
 
 
+@pytest.mark.parametrize("ordering", ["repeats", "out_of_range", "float"])
+def test_token_ordering_that_is_not_a_permutation_is_refused(ordering, drafters, tmp_path):
+    """A bad ordering would make the centroid head gather (and JAX silently clamp) wrong tokens."""
+    path = str(tmp_path / "d")
+    shutil.copytree(drafters("e2b", True)[1], path)
+    key = "masked_embedding.token_ordering"
+
+    def fn(t):
+        v = t[key]
+        t[key] = {"repeats": np.zeros_like(v), "out_of_range": v + 10**6, "float": v.astype(np.float32)}[ordering]
+
+    edit_tensors(path, fn)
+    with pytest.raises(CheckpointError, match=key):
+        gemma4_jax.load(path, dtype="float32")
+
+
 def test_tied_drafter_loads_without_centroids(drafters):
     d = gemma4_jax.load(drafters("moe", False)[1], dtype="float32")
     assert isinstance(d, gemma4_jax.Drafter)
