@@ -43,6 +43,36 @@ class ConfigError(ValueError):
     """A config.json we cannot interpret; the message names the file and field."""
 
 
+# Fields we read that transformers 5.23.0 types as non-optional: `null` there is an error (its
+# strict config refuses it too), not a silent fall-back to a default the weights were not made for.
+_NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "sliding_window", "rms_norm_eps", "attention_k_eq_v",
+             "use_double_wide_mlp", "enable_moe_block", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+             "num_kv_shared_layers", "max_position_embeddings", "hidden_activation", "tie_word_embeddings",
+             "attention_bias")
+
+
+def _int(c: dict, name: str, where: str) -> int:
+    v = c[name]
+    if type(v) is not int:  # bool is an int subclass: refused; 256.9 is not silently truncated
+        raise ConfigError(f"{where}: {name}={v!r} must be an integer")
+    return v
+
+
+def _float(c: dict, name: str, where: str) -> float:
+    v = c[name]
+    if type(v) not in (int, float):
+        raise ConfigError(f"{where}: {name}={v!r} must be a number")
+    return float(v)
+
+
+def _bool(c: dict, name: str, where: str) -> bool:
+    v = c[name]
+    if type(v) is not bool:  # "false" would otherwise read as true
+        raise ConfigError(f"{where}: {name}={v!r} must be true or false")
+    return v
+
+
 @dataclasses.dataclass(frozen=True)
 class Rope:
     theta: float
@@ -150,6 +180,9 @@ class Config:
                  f"num_attention_heads={self.num_heads} is not a multiple of {name}={kv}")
         need(self.head_dim % 2 == 0 and self.global_head_dim % 2 == 0, "head dims must be even for RoPE")
         need(self.sliding_window > 0, "sliding_window must be positive")
+        need(self.max_position_embeddings > 0, "max_position_embeddings must be positive")
+        need(min(self.vocab_size, self.hidden_size, self.intermediate_size, self.head_dim) > 0,
+             "vocab_size, hidden_size, intermediate_size and head_dim must be positive")
         if self.moe:
             need(0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0,
                  "enable_moe_block needs num_experts >= top_k_experts > 0 and moe_intermediate_size > 0")
@@ -159,15 +192,19 @@ class Config:
 
 
 def _rope(params: dict, hf_type: str, where: str) -> Rope:
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: rope_parameters[{hf_type!r}] must be an object, got {params!r}")
     kind = params.get("rope_type", "default")
     if kind not in ("default", "proportional"):
         raise ConfigError(f"{where}: rope_parameters[{hf_type!r}].rope_type={kind!r} is not supported "
                           "(supported: 'default', 'proportional')")
     if "rope_theta" not in params:
         raise ConfigError(f"{where}: rope_parameters[{hf_type!r}] has no rope_theta")
-    fraction = float(params.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0
-    factor = float(params.get("factor", 1.0)) if kind == "proportional" else 1.0
-    return Rope(theta=float(params["rope_theta"]), fraction=fraction, factor=factor)
+    at = f"rope_parameters[{hf_type!r}].%s"
+    num = lambda k, default: _float({at % k: params.get(k, default)}, at % k, where)
+    fraction = num("partial_rotary_factor", 1.0) if kind == "proportional" else 1.0
+    factor = num("factor", 1.0) if kind == "proportional" else 1.0
+    return Rope(theta=num("rope_theta", None), fraction=fraction, factor=factor)
 
 
 def text_config_dict(raw: dict, where: str) -> tuple[str, dict]:
@@ -176,6 +213,8 @@ def text_config_dict(raw: dict, where: str) -> tuple[str, dict]:
     if model_type in _WRAPPERS:
         if not isinstance(raw.get("text_config"), dict):
             raise ConfigError(f"{where}: model_type {model_type!r} needs a text_config object")
+        if raw.get("tie_word_embeddings") is False:
+            raise ConfigError(f"{where}: tie_word_embeddings=false is not supported (Gemma 4 ties its LM head)")
         text = dict(raw["text_config"])
         return text.get("model_type", _WRAPPERS[model_type]), text
     if model_type in _TEXT_DEFAULTS:
@@ -188,6 +227,9 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
     """Builds a Config from a `gemma4_text` / `gemma4_unified_text` dict (HF field names)."""
     if model_type not in _TEXT_DEFAULTS:
         raise ConfigError(f"{where}: unsupported text model_type {model_type!r}")
+    nulls = [k for k in _NOT_NULL if k in text and text[k] is None]
+    if nulls:
+        raise ConfigError(f"{where}: {nulls[0]} is null" + (f" (and {', '.join(nulls[1:])})" if nulls[1:] else ""))
     c = {**_TEXT_DEFAULTS[model_type], **{k: v for k, v in text.items() if v is not None or k == "final_logit_softcapping"}}
 
     act = c.get("hidden_activation", "gelu_pytorch_tanh")
@@ -197,11 +239,13 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
         raise ConfigError(f"{where}: attention_bias=true is not supported (Gemma 4 has no attention biases)")
     if c.get("use_bidirectional_attention") == "all":
         raise ConfigError(f"{where}: use_bidirectional_attention='all' is not supported (causal decoding only)")
-    if c.get("tie_word_embeddings") is False:
+    if c.get("tie_word_embeddings", True) is not True:
         raise ConfigError(f"{where}: tie_word_embeddings=false is not supported (Gemma 4 ties its LM head)")
 
-    n_layers = int(c["num_hidden_layers"])
+    n_layers = _int(c, "num_hidden_layers", where)
     hf_types = c.get("layer_types")
+    if hf_types is not None and not (isinstance(hf_types, list) and all(isinstance(t, str) for t in hf_types)):
+        raise ConfigError(f"{where}: layer_types must be a list of strings, got {hf_types!r}")
     if hf_types is None:
         hf_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
     hf_types = list(hf_types)
@@ -213,8 +257,8 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
     hf_types[-1] = "full_attention"  # transformers forces the last layer to full attention
     types = tuple(_HF_LAYER_TYPES[t] for t in hf_types)
 
-    head_dim, kv_heads = int(c["head_dim"]), int(c["num_key_value_heads"])
-    k_eq_v = bool(c["attention_k_eq_v"])
+    head_dim, kv_heads = _int(c, "head_dim", where), _int(c, "num_key_value_heads", where)
+    k_eq_v = _bool(c, "attention_k_eq_v", where)
     if "per_layer_config" in c:  # the form save_pretrained writes
         try:
             overrides = {int(k): dict(v) for k, v in c["per_layer_config"].items()}
@@ -232,59 +276,71 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
         bad = set(full_over[0]) - {"head_dim", "num_key_value_heads"}
         if bad:
             raise ConfigError(f"{where}: per_layer_config field(s) {sorted(bad)} not supported")
-        global_head_dim = int(full_over[0].get("head_dim", head_dim))
-        global_kv = int(full_over[0].get("num_key_value_heads", kv_heads))
+        o = {"head_dim": head_dim, "num_key_value_heads": kv_heads, **full_over[0]}
+        global_head_dim = _int(o, "head_dim", f"{where}: per_layer_config")
+        global_kv = _int(o, "num_key_value_heads", f"{where}: per_layer_config")
     else:  # the form of the released config.json files
-        global_head_dim = int(c.get("global_head_dim", 512))
+        global_head_dim = _int({"global_head_dim": 512, **c}, "global_head_dim", where)
         nkv = c.get("num_global_key_value_heads")
-        global_kv = int(nkv) if (k_eq_v and nkv is not None) else kv_heads
+        global_kv = _int(c, "num_global_key_value_heads", where) if (k_eq_v and nkv is not None) else kv_heads
 
     rope = c.get("rope_parameters") or _DEFAULT_ROPE
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: rope_parameters must be an object, got {rope!r}")
     for t in ("sliding_attention", "full_attention"):
         if t not in rope:
             raise ConfigError(f"{where}: rope_parameters has no entry for {t!r}")
 
     # The unified decoder has no PLE and no MoE code: transformers ignores such fields there, and so do we.
     unified = model_type == "gemma4_unified_text"
-    moe = bool(c.get("enable_moe_block", False)) and not unified
-    ple = 0 if unified else int(c.get("hidden_size_per_layer_input") or 0)
-    softcap = c.get("final_logit_softcapping")
+    moe = _bool({"enable_moe_block": False, **c}, "enable_moe_block", where) and not unified
+    ple = 0 if unified else _int({"hidden_size_per_layer_input": 0, **c}, "hidden_size_per_layer_input", where)
+    softcap = _float(c, "final_logit_softcapping", where) if c.get("final_logit_softcapping") is not None else None
+    num = lambda name, default=None: _int(c if default is None else {name: default, **c}, name, where)
     cfg = Config(
-        vocab_size=int(c["vocab_size"]),
-        hidden_size=int(c["hidden_size"]),
-        intermediate_size=int(c["intermediate_size"]),
-        num_heads=int(c["num_attention_heads"]),
+        vocab_size=num("vocab_size"),
+        hidden_size=num("hidden_size"),
+        intermediate_size=num("intermediate_size"),
+        num_heads=num("num_attention_heads"),
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         global_head_dim=global_head_dim,
         num_global_kv_heads=global_kv,
         layer_types=types,
-        sliding_window=int(c["sliding_window"]),
+        sliding_window=num("sliding_window"),
         rope_sliding=_rope(rope["sliding_attention"], "sliding_attention", where),
         rope_full=_rope(rope["full_attention"], "full_attention", where),
-        rms_norm_eps=float(c["rms_norm_eps"]),
-        final_logit_softcapping=float(softcap) if softcap else None,
-        num_kv_shared_layers=int(c.get("num_kv_shared_layers") or 0),
+        rms_norm_eps=_float(c, "rms_norm_eps", where),
+        final_logit_softcapping=softcap or None,
+        num_kv_shared_layers=num("num_kv_shared_layers", 0),
         k_eq_v=k_eq_v,
-        double_wide_mlp=bool(c.get("use_double_wide_mlp", False)),
+        double_wide_mlp=_bool({"use_double_wide_mlp": False, **c}, "use_double_wide_mlp", where),
         ple_dim=ple,
-        ple_vocab_size=int(c.get("vocab_size_per_layer_input") or 0) if ple else 0,
-        num_experts=int(c["num_experts"]) if moe else 0,
-        top_k_experts=int(c["top_k_experts"]) if moe else 0,
-        moe_intermediate_size=int(c["moe_intermediate_size"]) if moe else 0,
-        max_position_embeddings=int(c.get("max_position_embeddings", 131072)),
+        ple_vocab_size=num("vocab_size_per_layer_input", 0) if ple else 0,
+        num_experts=num("num_experts") if moe else 0,
+        top_k_experts=num("top_k_experts") if moe else 0,
+        moe_intermediate_size=num("moe_intermediate_size") if moe else 0,
+        max_position_embeddings=num("max_position_embeddings", 131072),
     )
     return cfg.validate(where)
 
 
 def read_json(path: str) -> dict[str, Any]:
+    """A JSON object file (config.json, generation_config.json)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def load_config(path: str) -> Config:

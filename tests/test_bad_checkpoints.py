@@ -325,6 +325,47 @@ def test_missing_config_field_error_names_the_field(copy_of, name, field):
     load_fails(path, ConfigError, "config.json", field)
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("hidden_size", "abc", "must be an integer"),
+    ("hidden_size", 64.9, "must be an integer"),  # not truncated to 64
+    ("num_attention_heads", True, "must be an integer"),
+    ("attention_k_eq_v", "false", "must be true or false"),  # a non-empty string is truthy
+    ("rms_norm_eps", "tiny", "must be a number"),
+    ("sliding_window", None, "is null"),  # not transformers' default of 512
+    ("layer_types", 5, "layer_types"),
+    ("rope_parameters", {"sliding_attention": "default", "full_attention": {}}, "must be an object"),
+    ("rope_parameters", {"sliding_attention": {"rope_theta": "x"}, "full_attention": {"rope_theta": 1.0}},
+     "rope_theta"),
+    ("max_position_embeddings", 0, "max_position_embeddings"),
+])
+def test_config_field_of_a_wrong_type_or_null_is_named(copy_of, field, value, needle):
+    path = copy_of("e2b")
+    edit_config(path, lambda c: c.update({field: value}))
+    load_fails(path, ConfigError, "config.json", field, needle)
+
+
+def test_untied_wrapper_config_is_refused(copy_of):
+    """A multimodal wrapper may say tie_word_embeddings=false at its top level; we would drop its lm_head."""
+    path = copy_of("e2b", "conditional")
+    edit_config(path, lambda c: c.update(tie_word_embeddings=False))
+    load_fails(path, ConfigError, "config.json", "tie_word_embeddings")
+
+
+@pytest.mark.parametrize("file", ["config.json", "generation_config.json"])
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[1, 2]", "dir"])
+def test_unreadable_json_file_is_named(copy_of, file, content):
+    path = copy_of("e2b")
+    target = os.path.join(path, file)
+    if os.path.exists(target):
+        os.remove(target)
+    if content == "dir":
+        os.mkdir(target)
+    else:
+        with open(target, "wb") as f:
+            f.write(content)
+    load_fails(path, ConfigError, file)
+
+
 def test_wrapper_config_without_text_config_names_the_field(copy_of):
     path = copy_of("e2b", "conditional")
     edit_config(path, lambda c: c.pop("text_config"))
