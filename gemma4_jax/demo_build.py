@@ -5,8 +5,9 @@ the Python standard library's source, and an MTP drafter distilled against it.
 
 Every step is seeded; the corpus is the manifest's train split (sha256-verified), so the same
 CPython version regenerates the same data. Writes DIR/target and DIR/drafter as Hugging Face
-checkpoints (bf16) with the tokenizer, and DIR/README.md with the command, corpus, steps, losses
-and times. Writing is atomic per checkpoint (export.py).
+checkpoints (bf16) with the tokenizer, DIR/corpus_manifest.json, and DIR/README.md with the
+command, corpus, steps, losses and times. The set is written atomically: it is built next to DIR
+and swapped in whole at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gemma4_jax import corpus, export, train
 from gemma4_jax.config import FULL, SLIDING, Config, Rope
 
 EOS_IDS = [1, 106]  # <eos>, <turn|>
+SHIPPED_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "corpus_manifest.json")
 
 
 def target_config(vocab_size: int) -> Config:
@@ -76,17 +78,49 @@ def main(argv=None) -> int:
     p.add_argument("--distill-sequences", type=int, default=256)
     p.add_argument("--loss", choices=train.LOSSES, default="ce")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--manifest", default=SHIPPED_MANIFEST,
+                   help="corpus manifest whose train files (sha256-checked) are the training data "
+                        "(default: the shipped gemma4_jax/demo/corpus_manifest.json)")
+    p.add_argument("--new-manifest", action="store_true",
+                   help="use this interpreter's standard library as it is, with a new manifest, instead of "
+                        "--manifest (another CPython version: the data then differs from the shipped pair's)")
     args = p.parse_args(argv)
     if not args.target_steps and not args.init_target:
         p.error("--target-steps 0 needs --init-target")
+    for name, lo in (("target_steps", 0), ("drafter_steps", 1), ("batch_size", 2), ("seq_len", 2), ("seed", 0),
+                     ("drafter_hidden", 1), ("drafter_layers", 1), ("draft_len", 1), ("distill_sequences", 1),
+                     ("vocab_size", 256)):
+        if getattr(args, name) < lo:
+            p.error(f"--{name.replace('_', '-')} must be >= {lo}")
+    try:
+        args.temperatures = [float(t) for t in args.distill_temperatures.split(",")]
+    except ValueError:
+        p.error("--distill-temperatures takes comma-separated numbers")
+    if not args.temperatures or min(args.temperatures) < 0:
+        p.error("--distill-temperatures must be numbers >= 0")
+    try:
+        manifest = corpus.build_manifest() if args.new_manifest else corpus._load(args.manifest)
+        corpus.read_corpus(manifest, "train")  # every train file is checked against its sha256 now
+    except (OSError, ValueError, corpus.CorpusMismatchError) as e:
+        p.error(f"--manifest {args.manifest}: {e}")
     command = "python -m gemma4_jax.demo_build " + " ".join(argv if argv is not None else sys.argv[1:])
-    t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="gemma4_demo_")
+    # The whole set (manifest, target, drafter, README) is built in a staging directory next to
+    # --out and swapped in at the end: an interrupted build leaves the previous set as it was.
+    export.atomic_directory(args.out, lambda stage: _build(args, manifest, command, stage), overwrite=True,
+                            replaceable=lambda d: os.path.isfile(os.path.join(d, "corpus_manifest.json")))
+    return 0
 
-    manifest = corpus.build_manifest()
-    with open(os.path.join(args.out, "corpus_manifest.json"), "w") as f:
+
+def _build(args, manifest: dict, command: str, out: str) -> None:
+    t0 = time.time()
+    with open(os.path.join(out, "corpus_manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+        f.write("\n")
+    with tempfile.TemporaryDirectory(prefix="gemma4_demo_") as work:
+        _build_pair(args, manifest, command, out, work, t0)
+
+
+def _build_pair(args, manifest, command, out, work, t0) -> None:
     tok_path = corpus.train_tokenizer(manifest, os.path.join(work, "tokenizer"), args.vocab_size)
     from gemma4_jax.tokenizer import load_tokenizer
 
@@ -110,7 +144,7 @@ def main(argv=None) -> int:
         tparams = init
     target_seconds = time.time() - t1
     gen = {"bos_token_id": 2, "eos_token_id": EOS_IDS, "pad_token_id": 0}
-    tdir = export.export_target(os.path.join(args.out, "target"), cfg, _bf16(tparams), generation_config=gen,
+    tdir = export.export_target(os.path.join(out, "target"), cfg, _bf16(tparams), generation_config=gen,
                                 extra_files=export.tokenizer_files(tok_dir), overwrite=True)
 
     # The drafter learns from the target's own continuations of corpus prefixes (greedy and sampled).
@@ -118,7 +152,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     starts = rng.integers(0, len(ids) - 64, args.distill_sequences)
     prompts = [ids[s: s + 32].tolist() for s in starts]
-    temps = [float(t) for t in args.distill_temperatures.split(",")]
+    temps = args.temperatures
     t2 = time.time()
     seqs = np.concatenate([train.sample_sequences(target, prompts[i: i + 64], args.seq_len + 1,
                                                   temperature=temps[(i // 64) % len(temps)], seed=args.seed + i)
@@ -138,12 +172,11 @@ def main(argv=None) -> int:
                             seed=args.seed, draft_len=args.draft_len, loss=args.loss, dparams=dinit,
                             on_step=log_d, log_every=25)
     drafter_seconds = time.time() - t2
-    export.export_drafter(os.path.join(args.out, "drafter"), dcfg, _bf16(dparams), generation_config=gen,
+    export.export_drafter(os.path.join(out, "drafter"), dcfg, _bf16(dparams), generation_config=gen,
                           num_assistant_tokens=args.draft_len, extra_files=export.tokenizer_files(tok_dir),
                           overwrite=True)
-    _write_readme(args, command, manifest, len(ids), log_t.last, log_d.last, target_seconds, drafter_seconds,
+    _write_readme(out, args, command, manifest, len(ids), log_t.last, log_d.last, target_seconds, drafter_seconds,
                   time.time() - t0)
-    return 0
 
 
 def _init_params(path, cfg, flag: str, expected: str):
@@ -162,7 +195,7 @@ def _bf16(params):
     return train._cast(params, "bfloat16")
 
 
-def _write_readme(args, command, manifest, n_tokens, t_last, d_last, t_sec, d_sec, total):
+def _write_readme(out, args, command, manifest, n_tokens, t_last, d_last, t_sec, d_sec, total):
     import platform
 
     start = f"continued from `{args.init_target}`" if args.init_target else f"from random init (seed {args.seed})"
@@ -196,7 +229,7 @@ Regenerate (same CPython version: the corpus is sha256-checked against `corpus_m
   {d_sec / 60:.1f} min (including sampling the continuations).
 - total {total / 60:.1f} min on {os.cpu_count()} CPU cores; weights stored in bfloat16.
 """
-    with open(os.path.join(args.out, "README.md"), "w") as f:
+    with open(os.path.join(out, "README.md"), "w") as f:
         f.write(text)
 
 

@@ -180,33 +180,74 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
+def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool = False,
+                     replaceable: Callable[[str], bool] | None = None) -> str:
     """Runs `write(tmp)` on a fresh temporary directory next to `dest`, then renames it to `dest`.
-    An existing non-empty `dest` is an error unless `overwrite` (then it is replaced whole)."""
+    An existing non-empty `dest` is an error unless `overwrite`; then `replaceable(dest)` must hold
+    (default: a checkpoint directory: a config.json, no subdirectories), and it is replaced whole, or
+    put back if the replacement fails. The result gets the usual permissions (umask), not mkdtemp's
+    owner-only ones; files in subdirectories keep theirs."""
     dest = os.path.abspath(dest)
     parent, base = os.path.split(dest)
-    if os.path.exists(dest) and not overwrite and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise FileExistsError(f"{dest}: already exists and is not empty")
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        if not overwrite:
+            raise FileExistsError(f"{dest}: already exists and is not empty")
+        if replaceable is None and not _replaceable(dest):
+            raise FileExistsError(f"{dest}: will not replace it: not a checkpoint directory (one with a "
+                                  "config.json and no subdirectories)")
+        if replaceable is not None and not replaceable(dest):
+            raise FileExistsError(f"{dest}: will not replace it: it does not look like what is written there")
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".partial", dir=parent)
+    old = moved = None
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
         for name in os.listdir(tmp):  # on disk before the rename makes the directory visible
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+            path = os.path.join(tmp, name)
+            if os.path.isfile(path):
+                os.chmod(path, 0o666 & ~mask)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
         if os.path.isdir(dest):
             old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
-            os.rename(dest, os.path.join(old, base))
+            moved = os.path.join(old, base)
+            os.rename(dest, moved)
             os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             if os.path.exists(dest):
                 os.remove(dest)
             os.rename(tmp, dest)
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved is not None and os.path.isdir(moved) and not os.path.exists(dest):
+            os.rename(moved, dest)  # the replacement failed: the old checkpoint comes back
         raise
+    finally:
+        if old is not None and not (moved and os.path.isdir(moved) and not os.path.isdir(dest)):
+            shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _replaceable(path: str) -> bool:
+    entries = os.listdir(path)
+    return "config.json" in entries and not any(os.path.isdir(os.path.join(path, e)) for e in entries)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every filesystem lets a directory be synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def _export(path, config: dict, tensors_fn, generation_config: dict, extra_files: Iterable[str], overwrite: bool):

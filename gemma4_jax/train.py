@@ -143,6 +143,8 @@ def _training_copy(tree):
 
 def _stream(batches, steps: int, place_batch):
     """Placed batches; the first is checked now, before anything compiles."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     it = (place_batch(b) for b in _iterate(batches, steps))
     return itertools.chain([next(it)], it)
 
@@ -204,6 +206,8 @@ def drafter_config_for(target: Config, *, hidden_size: int, num_layers: int = 4,
     if hidden_size < 1 or num_layers < 1:
         raise ValueError(f"hidden_size and num_layers must be >= 1, got {hidden_size}, {num_layers}")
     kinds = set(target.kv_layers)
+    if FULL not in kinds:
+        raise ValueError("the target has no full-attention layer whose K/V a drafter could read")
     types = tuple(SLIDING if (i < num_layers - 1 and SLIDING in kinds) else FULL for i in range(num_layers))
     heads = {kind: target.layers[i].num_kv_heads for kind, i in target.kv_layers.items()}
     text = Config(
@@ -468,7 +472,7 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> argparse.Argument
       help="ordered embeddings with this many token clusters (must divide the vocabulary; default 0: off)")
     a("--centroid-top-k", type=_int_at_least(1), default=None, help="clusters the head scores per step")
     a("--dtype", choices=("float32", "bfloat16"), default="float32", help="target compute and export dtype")
-    a("--seed", type=int, default=0)
+    a("--seed", type=_int_at_least(0), default=0, help="initialisation and data-order seed (default 0)")
     a("--log-every", type=_int_at_least(1), default=100, help="progress line every N steps")
     a("--overwrite", action="store_true", help="replace an existing --out directory")
     return parser
@@ -529,9 +533,31 @@ def _check_args(args) -> None:
             raise TrainError(f"data file {path}: " + ("is a directory" if os.path.isdir(path) else "not found"))
         if not os.access(path, os.R_OK):
             raise TrainError(f"data file {path}: not readable")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite and (not os.path.isdir(out) or os.listdir(out)):
-        raise TrainError(f"--out {args.out}: already exists and is not empty (pass --overwrite to replace it)")
+    if not isinstance(args.seed, int) or args.seed < 0:
+        raise TrainError(f"--seed must be an integer >= 0, got {args.seed!r}")
+    _check_out(args)
+
+
+def _check_out(args) -> None:
+    """Before any training: --out can be written, and replacing it (--overwrite) destroys neither the
+    target nor the data, nor a directory that is not a checkpoint."""
+    out = os.path.realpath(args.out)
+    inside = lambda path: os.path.commonpath([out, os.path.realpath(path)]) == out
+    if inside(args.target) or any(inside(p) for p in args.data):
+        raise TrainError(f"--out {args.out}: would replace the target or the data; choose another directory")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not args.overwrite:
+            raise TrainError(f"--out {args.out}: already exists and is not empty (pass --overwrite to replace it)")
+        from gemma4_jax.export import _replaceable
+
+        if not os.path.isdir(out) or not _replaceable(out):
+            raise TrainError(f"--out {args.out}: --overwrite replaces only a checkpoint directory (a config.json, "
+                             "no subdirectories); this is not one")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {args.out}: cannot create it ({parent} is not a writable directory)")
 
 
 def run_train_drafter(args: argparse.Namespace) -> int:
@@ -562,9 +588,12 @@ def _train_drafter(args) -> str:
         raise TrainError(f"--target {args.target}: is a drafter checkpoint; pass the target model")
     try:
         tokenizer = load_tokenizer(args.target)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # sentencepiece / tokenizers raise their own types on a corrupt file
         raise TrainError(f"--target {args.target}: cannot load its tokenizer ({e})") from None
     tcfg = target.config
+    if args.seq_len > tcfg.max_position_embeddings:
+        raise TrainError(f"--seq-len {args.seq_len} exceeds the target's max_position_embeddings "
+                         f"{tcfg.max_position_embeddings}")
     try:
         dcfg = drafter_config_for(tcfg, hidden_size=args.hidden_size or max(8, tcfg.hidden_size // 4),
                                   num_layers=args.layers, intermediate_size=args.intermediate_size,

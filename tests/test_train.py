@@ -12,6 +12,7 @@ user does when fine-tuning), then distils a drafter on the target's own greedy c
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,47 @@ def test_interrupted_export_leaves_nothing_and_existing_exports_are_kept(loaded,
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["model"]
     assert_same_params(gemma4_jax.load(str(dest), dtype="float32").params, ours.params)  # the old one, intact
+
+
+def test_export_permissions_follow_the_umask(loaded, tmp_path):
+    """mkdtemp makes owner-only directories; an exported checkpoint must be readable like any file."""
+    old = os.umask(0o022)
+    try:
+        out = export.save(str(tmp_path / "model"), loaded("e2b"))
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    for name in os.listdir(out):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o644, name
+
+
+def test_overwrite_replaces_only_a_checkpoint_directory(loaded, tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a checkpoint directory"):
+        export.save(str(other), loaded("e2b"), overwrite=True)
+    assert os.listdir(other) == ["notes.txt"]
+
+
+def test_overwrite_that_fails_at_the_swap_puts_the_old_checkpoint_back(loaded, tmp_path, monkeypatch):
+    ours = loaded("e2b")
+    dest = tmp_path / "model"
+    export.save(str(dest), ours)
+    real_rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # moving the new directory into place
+            raise OSError("disk went away")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        export.save(str(dest), ours, overwrite=True)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["model"]
+    assert_same_params(gemma4_jax.load(str(dest), dtype="float32").params, ours.params)
 
 
 # --- pretraining ----------------------------------------------------------------------------------
@@ -287,9 +329,13 @@ def test_train_drafter_cli_writes_a_drafter_that_loads_in_ours_and_transformers(
     (lambda a: a.update({"--target": "/nonexistent"}), "not a checkpoint directory"),
     (lambda a: a.update({"--out": "EXISTING"}), "already exists"),
     (lambda a: a.update({"--data": "BINARY"}), "not UTF-8"),
-    (lambda a: a.update({"--seq-len": "100000"}), "fewer than --seq-len"),
+    (lambda a: a.update({"--seq-len": "200000"}), "max_position_embeddings"),
+    (lambda a: a.update({"--seq-len": "2000"}), "fewer than --seq-len"),
     (lambda a: a.pop("--out"), "--out"),
-], ids=["steps", "loss", "lr", "draft-len", "data", "target", "out", "binary", "seq-len", "no-out"])
+    (lambda a: a.update({"--seed": "-1"}), "--seed"),
+    (lambda a: a.update({"--out": "UNWRITABLE"}), "not a writable directory"),
+], ids=["steps", "loss", "lr", "draft-len", "data", "target", "out", "binary", "seq-len", "seq-len-data", "no-out",
+        "seed", "unwritable-out"])
 def test_train_drafter_cli_errors_are_one_line_with_exit_code_2(edit, needle, fake_tokenizer, corpus, hf_target,
                                                                 tmp_path, capsys):
     existing = tmp_path / "existing"
@@ -300,11 +346,51 @@ def test_train_drafter_cli_errors_are_one_line_with_exit_code_2(edit, needle, fa
     args = {"--target": hf_target("e2b")[1], "--data": corpus, "--out": str(tmp_path / "new"), "--steps": "1"}
     edit(args)
     argv = [str(x) for kv in args.items() for x in kv]
-    argv = [{"EXISTING": str(existing), "BINARY": str(binary)}.get(x, x) for x in argv]
+    unwritable = tmp_path / "a_file"
+    unwritable.write_text("not a directory")
+    argv = [{"EXISTING": str(existing), "BINARY": str(binary), "UNWRITABLE": str(unwritable / "sub")}.get(x, x)
+            for x in argv]
     assert train.train_drafter_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and needle in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("where", ["target", "data_dir", "not_a_checkpoint"])
+def test_train_drafter_overwrite_never_replaces_the_target_the_data_or_other_files(where, fake_tokenizer, hf_target,
+                                                                                  tmp_path, capsys):
+    target = tmp_path / "target"
+    shutil.copytree(hf_target("e2b")[1], target)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data = data_dir / "data.txt"
+    data.write_text("def f(x):\n    return x\n" * 100)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    out = {"target": target, "data_dir": data_dir, "not_a_checkpoint": other}[where]
+    before = sorted(os.listdir(out))
+    argv = ["--target", str(target), "--data", str(data), "--out", str(out), "--overwrite", "--steps", "1"]
+    assert train.train_drafter_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--out" in err
+    assert sorted(os.listdir(out)) == before
+
+
+def test_train_drafter_cli_with_a_corrupt_tokenizer_is_a_one_line_error(corpus, hf_target, tmp_path, capsys):
+    target = tmp_path / "target"
+    shutil.copytree(hf_target("e2b")[1], target)
+    (target / "tokenizer.model").write_bytes(b"garbage")
+    argv = ["--target", str(target), "--data", corpus, "--out", str(tmp_path / "new")]
+    assert train.train_drafter_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer" in err and not (tmp_path / "new").exists()
+
+
+def test_training_with_zero_steps_is_a_clear_error(loaded):
+    batches = iter([np.zeros((2, 9), np.int32)])
+    with pytest.raises(ValueError, match="steps"):
+        train.pretrain(loaded("e2b").config, batches, steps=0)
 
 
 def test_train_drafter_cli_without_a_tokenizer_in_the_target_is_a_one_line_error(corpus, hf_target, tmp_path, capsys):
