@@ -40,7 +40,12 @@ def _positive_int(text):
 
 
 def _temperature(text):
-    return number_arg(text, low=0)
+    from gemma4_jax.sampling import MIN_TEMPERATURE
+
+    value = number_arg(text, low=0)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {text!r}")
+    return value
 
 
 def _top_p(text):
@@ -126,13 +131,15 @@ def run_generate(args) -> int:
             raise UsageError(f"no --model given and the demo model is not installed at {model_dir}")
     else:
         model_dir = resolve(args.model, "model")
-        drafter_name = None if os.path.isdir(args.model) else args.model.rstrip("/") + "-assistant"
+        sibling = args.model.rstrip("/") + "-assistant"
+        drafter_name = None if os.path.isdir(args.model) and not os.path.isdir(sibling) else sibling
     if args.drafter is not None:
         drafter_name = args.drafter
     if args.no_draft:
         drafter_name = None
     if drafter_name is None and not args.no_draft and args.drafter is None:
-        print("gemma4-jax: no drafter for a local model; pass --drafter DIR (decoding plainly)", file=sys.stderr)
+        print(f"gemma4-jax: no drafter for a local model (no {args.model.rstrip('/')}-assistant next to it); "
+              "pass --drafter DIR (decoding plainly)", file=sys.stderr)
     _enable_compilation_cache()
 
     tokenizer = tok_lib.load_tokenizer(model_dir)
@@ -163,11 +170,10 @@ def run_generate(args) -> int:
         print(json.dumps({"text": tokenizer.decode(tokens), "tokens": tokens, "stats": stats}))
         return 0
     sys.stdout.write(decoder.flush() + "\n")
-    steps = stats["verify_steps"]
-    k = len(stats["accept_histogram"]) - 1
-    rate = f", acceptance {stats['accepted_drafts'] / (steps * k):.0%}" if k and steps else ""
+    rate = f", acceptance {stats['acceptance_rate']:.0%}" if stats["proposed_drafts"] else ""
+    compiled = f"; compiled in {stats['compile_seconds']:.1f}s" if stats["compile_seconds"] >= 0.05 else ""
     print(f"[{stats['new_tokens']} tokens in {stats['seconds']:.2f}s, {stats['tokens_per_second']:.1f} tok/s, "
-          f"{stats['mean_tokens_per_step']:.2f} tokens/verify step{rate}]", file=sys.stderr)
+          f"{stats['mean_tokens_per_step']:.2f} tokens/verify step{rate}{compiled}]", file=sys.stderr)
     return 0
 
 
@@ -191,11 +197,15 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"gemma4-jax: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as e:  # our ConfigError / CheckpointError are ValueErrors
+    except (ValueError, OSError, ImportError) as e:  # ConfigError / CheckpointError are ValueErrors
         print(f"gemma4-jax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

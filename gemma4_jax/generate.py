@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -89,6 +90,7 @@ class State:
     key: jax.Array
     steps: jax.Array  # [B] verify steps while active
     accepted: jax.Array  # [B] accepted drafts
+    proposed: jax.Array  # [B] drafts that could have been kept (K, or what the token budget left)
     histogram: jax.Array  # [B, K+1] accepted-draft counts per step
 
 
@@ -129,7 +131,7 @@ def _start(params, tokens, lengths, max_new, key, plan: Plan) -> State:
     zeros = jnp.zeros((B,), jnp.int32)
     return State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
                  done=_is_stop(first, plan.stop) | (max_new <= 1), key=key, steps=zeros, accepted=zeros,
-                 histogram=jnp.zeros((B, plan.K + 1), jnp.int32))
+                 proposed=zeros, histogram=jnp.zeros((B, plan.K + 1), jnp.int32))
 
 
 def _run(params, prop_params, state: State, max_new, max_steps, plan: Plan) -> State:
@@ -169,6 +171,7 @@ def _run(params, prop_params, state: State, max_new, max_steps, plan: Plan) -> S
         kept = jnp.minimum(a, n)  # accepted drafts that were emitted (a stop or the budget may cut)
         return State(cache=cache, last=nxt, hidden=hid[rows, a], out=out, out_len=out_len, done=done, key=key,
                      steps=s.steps + active, accepted=s.accepted + jnp.where(active, kept, 0),
+                     proposed=s.proposed + jnp.where(active, jnp.minimum(K, max_new - s.out_len), 0),
                      histogram=s.histogram.at[rows, kept].add(active.astype(jnp.int32))), i + 1
 
     return jax.lax.while_loop(lambda c: jnp.any(~c[0].done) & (c[1] < max_steps), body, (state, 0))[0]
@@ -183,6 +186,46 @@ def _generate(params, prop_params, tokens, lengths, max_new, key, plan: Plan) ->
 
 _start_jit = jax.jit(_start, static_argnames="plan")
 _run_jit = jax.jit(_run, static_argnames="plan", donate_argnames="state")
+
+MAX_DRAFT_TOKENS = 64
+
+# Tracing, lowering and compiling (or fetching from the compilation cache) happen inside the first
+# call of each shape. JAX reports their time spans; `_Clock` subtracts them so that `seconds` and
+# tokens/s measure generation, and `compile_seconds` the rest.
+_COMPILE_EVENTS = frozenset({"/jax/core/compile/jaxpr_trace_duration",
+                             "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                             "/jax/core/compile/backend_compile_duration"})
+_spans = threading.local()
+
+
+def _on_span(event: str, start: float, end: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS and getattr(_spans, "active", None) is not None:
+        _spans.active.append((start, end))
+
+
+jax.monitoring.register_event_time_span_listener(_on_span)
+
+
+class _Clock:
+    """Wall time of a block, split into compilation (the union of JAX's compile spans: nested
+    spans count once) and the rest."""
+
+    def __enter__(self):
+        self._outer, _spans.active = getattr(_spans, "active", None), []
+        self.start = time.time()
+        return self
+
+    def __exit__(self, *exc):
+        self.total = time.time() - self.start
+        spans, _spans.active = sorted(_spans.active), self._outer
+        if self._outer is not None:
+            self._outer.extend(spans)
+        self.compile_seconds, end = 0.0, -math.inf
+        for s, e in spans:
+            if e > end:
+                self.compile_seconds += e - max(s, end)
+                end = e
+        self.seconds = max(self.total - self.compile_seconds, 0.0)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -214,12 +257,24 @@ class _Job:
 def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temperature, top_k, top_p, seed,
              stop_tokens) -> _Job:
     """Checks the inputs and pads the prompts into a length bucket (the host's only work)."""
+    from gemma4_jax.api import Drafter, Model
+
+    if isinstance(model_obj, Drafter) or not isinstance(getattr(model_obj, "config", None), Config):
+        raise ValueError(f"{getattr(model_obj, 'path', None) or 'model'}: is not a target model "
+                         "(a drafter checkpoint goes in `drafter=`)")
+    if drafter is not None and not isinstance(drafter, (Drafter, Proposer)):
+        where = getattr(drafter, "path", None) or "drafter"
+        raise ValueError(f"{where}: is not a drafter (an assistant checkpoint or a Proposer)"
+                         + (": it is a target model" if isinstance(drafter, Model) else ""))
     cfg: Config = model_obj.config
     warp = Warp(float(temperature), top_k, top_p)
+    if not sampling.is_int(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     if not sampling.is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if num_draft_tokens is not None and (not sampling.is_int(num_draft_tokens) or num_draft_tokens < 1):
-        raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
+    if num_draft_tokens is not None and (not sampling.is_int(num_draft_tokens)
+                                         or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
+        raise ValueError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
@@ -245,9 +300,9 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
         else:
             drafter_lib.check_compatible(drafter.config, cfg, where=drafter.path or "drafter")
             propose, prop_params = DrafterProposals(drafter.config), drafter.params
-            default_k = drafter.generation_config.get("num_assistant_tokens") or 4
-        K = int(num_draft_tokens if num_draft_tokens is not None
-                else DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, default_k))
+            default_k = (drafter.generation_config.get("num_assistant_tokens")
+                         or DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, 4))
+        K = int(num_draft_tokens if num_draft_tokens is not None else default_k)
 
     B, T = len(prompts), _bucket(longest)
     tokens = np.zeros((B, T), np.int32)
@@ -265,11 +320,13 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
                 jax.random.key(seed), model_obj.mesh)
 
 
-def _result(state: State, seconds: float) -> Result:
-    out, out_len, steps, accepted, hist = jax.device_get(
-        (state.out, state.out_len, state.steps, state.accepted, state.histogram))
+def _result(state: State, seconds: float, compile_seconds: float) -> Result:
+    out, out_len, steps, accepted, proposed, hist = jax.device_get(
+        (state.out, state.out_len, state.steps, state.accepted, state.proposed, state.histogram))
     rows = [out[i, : out_len[i]].tolist() for i in range(len(out_len))]
-    return Result(tokens=rows, stats=_stats(out_len, steps, accepted, hist, seconds))
+    stats = _stats(out_len, steps, accepted, proposed, hist, seconds)
+    stats["compile_seconds"] = compile_seconds
+    return Result(tokens=rows, stats=stats)
 
 
 def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_new_tokens: int,
@@ -281,17 +338,17 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
     lossless: greedy output equals plain greedy output, and sampling is exact speculative sampling
     (the output distribution equals sampling from the target). Without one, plain decoding.
     Returns `Result(tokens, stats)`: per row the new tokens (ending with the stop token when one
-    was produced) and telemetry (`new_tokens`, `verify_steps`, `accepted_drafts`,
-    `mean_tokens_per_step`, `accept_histogram`, `seconds`, `tokens_per_second`, `rows`).
+    was produced) and telemetry (`new_tokens`, `verify_steps`, `accepted_drafts`, `proposed_drafts`,
+    `acceptance_rate`, `mean_tokens_per_step`, `accept_histogram`, `seconds` and `tokens_per_second`
+    of the generation itself, `compile_seconds` (0 when this shape was compiled before), `rows`).
     Rows draw independent randomness from `seed`.
     """
     job = _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temperature, top_k, top_p,
                    seed, stop_tokens)
-    start = time.perf_counter()
-    with job.context():
+    with job.context(), _Clock() as clock:
         state = _generate(job.params, job.prop_params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
         state.out.block_until_ready()
-    return _result(state, time.perf_counter() - start)
+    return _result(state, clock.seconds, clock.compile_seconds)
 
 
 class Stream:
@@ -307,30 +364,39 @@ class Stream:
                              kwargs.pop("stop_tokens", None))
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if not sampling.is_int(chunk_steps) or chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
         self._chunk = int(chunk_steps)
         self.result: Result | None = None
 
     def __iter__(self):
         job = self._job
-        start = time.perf_counter()
+        seconds = compile_seconds = 0.0
         with job.context():
-            state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
-            seen = np.zeros(job.tokens.shape[0], np.int64)
-            while True:
+            with _Clock() as clock:
+                state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
+                seen = np.zeros(job.tokens.shape[0], np.int64)
                 out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
-                yield [out[i, seen[i]: out_len[i]].tolist() for i in range(len(seen))]
+            while True:
+                seconds, compile_seconds = seconds + clock.seconds, compile_seconds + clock.compile_seconds
+                yield [out[i, seen[i]: out_len[i]].tolist() for i in range(len(seen))]  # untimed: the caller's
                 seen = out_len.astype(np.int64)
                 if done.all():
                     break
-                state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.plan)
-        self.result = _result(state, time.perf_counter() - start)
+                with _Clock() as clock:
+                    state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.plan)
+                    out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
+        self.result = _result(state, seconds, compile_seconds)
 
 
-def _summary(new, steps, accepted, hist, seconds):
+def _summary(new, steps, accepted, proposed, hist, seconds):
     return {
         "new_tokens": int(new),
         "verify_steps": int(steps),
         "accepted_drafts": int(accepted),
+        # drafts that could have been kept: K per step, fewer where the token budget ran out
+        "proposed_drafts": int(proposed),
+        "acceptance_rate": float(accepted / proposed) if proposed else 0.0,
         # the first token comes from the prefill; each verify step yields the rest
         "mean_tokens_per_step": float((new - 1) / steps) if steps else 0.0,
         "accept_histogram": [int(h) for h in hist],
@@ -339,8 +405,9 @@ def _summary(new, steps, accepted, hist, seconds):
     }
 
 
-def _stats(out_len, steps, accepted, hist, seconds) -> dict:
-    total = _summary(out_len.sum(), steps.sum(), accepted.sum(), hist.sum(0), seconds)
+def _stats(out_len, steps, accepted, proposed, hist, seconds) -> dict:
+    total = _summary(out_len.sum(), steps.sum(), accepted.sum(), proposed.sum(), hist.sum(0), seconds)
     total["mean_tokens_per_step"] = float((out_len.sum() - len(out_len)) / steps.sum()) if steps.sum() else 0.0
-    total["rows"] = [_summary(out_len[i], steps[i], accepted[i], hist[i], seconds) for i in range(len(out_len))]
+    total["rows"] = [_summary(out_len[i], steps[i], accepted[i], proposed[i], hist[i], seconds)
+                     for i in range(len(out_len))]
     return total

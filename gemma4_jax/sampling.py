@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy in all but name, and float32 overflows
+
+
 def is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -25,6 +28,8 @@ class Warp:
     def __post_init__(self):
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32 into NaN probabilities
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:  # also rejects NaN

@@ -172,17 +172,27 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
     else:
         raise FileNotFoundError(f"no tokenizer in {model_dir}: expected tokenizer.model (sentencepiece) or "
                                 "tokenizer.json (Hugging Face tokenizers)")
-    if path.endswith(".json"):
-        return HFTokenizer(path, _tokenizer_config(model_dir))
-    return SentencePieceTokenizer(path)
+    config = _tokenizer_config(model_dir) if path.endswith(".json") else None
+    try:
+        return HFTokenizer(path, config) if config is not None else SentencePieceTokenizer(path)
+    except ImportError:
+        raise  # says what to install
+    except Exception as e:  # sentencepiece / tokenizers raise their own types for a corrupt file
+        raise ValueError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
 
 
 def _tokenizer_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
 
 
 class StreamDecoder:

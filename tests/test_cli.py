@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ def _run(*args, env=None, stdin=None):
 @pytest.mark.parametrize("args,needle", [
     (["generate", "x", "--temperature", "-1"], "--temperature"),
     (["generate", "x", "--temperature", "abc"], "--temperature"),
+    (["generate", "x", "--temperature", "1e-40"], "--temperature"),  # would sample NaNs
     (["generate", "x", "--top-p", "1.5"], "--top-p"),
     (["generate", "x", "--top-p", "0"], "--top-p"),
     (["generate", "x", "--num-draft-tokens", "0"], "--num-draft-tokens"),
@@ -52,6 +54,34 @@ def test_a_checkpoint_without_a_tokenizer_is_a_clean_error(hf_target):
     r = _run("generate", "x", "--model", path, "--no-draft")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tokenizer" in r.stderr
+
+
+@pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")
+@pytest.mark.parametrize("case", ["drafter_as_model", "target_as_drafter", "corrupt_tokenizer"])
+def test_wrong_or_broken_checkpoints_give_one_line_errors(case, tmp_path):
+    if case == "corrupt_tokenizer":
+        shutil.copytree(cli.DEMO_TARGET, tmp_path / "t")
+        (tmp_path / "t" / "tokenizer.model").write_bytes(b"garbage")
+        args, needle = ["--model", str(tmp_path / "t"), "--no-draft"], "tokenizer.model"
+    elif case == "drafter_as_model":
+        args, needle = ["--model", cli.DEMO_DRAFTER, "--no-draft"], "not a target model"
+    else:
+        args, needle = ["--drafter", cli.DEMO_TARGET], "not a drafter"
+    r = _run("generate", "x", "--max-new-tokens", "2", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gemma4-jax: error:") and needle in lines[0], r.stderr
+
+
+@pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")
+def test_a_local_models_assistant_sibling_is_its_default_drafter(tmp_path):
+    os.symlink(cli.DEMO_TARGET, tmp_path / "tiny")
+    os.symlink(cli.DEMO_DRAFTER, tmp_path / "tiny-assistant")
+    r = _run("generate", "def f(x):", "--model", str(tmp_path / "tiny"), "--max-new-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert len(stats["accept_histogram"]) > 1 and stats["proposed_drafts"] > 0  # speculative, with the sibling
+    assert "no drafter" not in r.stderr
 
 
 @pytest.mark.skipif(not DEMO, reason="the demo pair is not installed in gemma4_jax/demo")

@@ -3,6 +3,7 @@ names the argument and the offending value."""
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -97,3 +98,61 @@ def test_num_draft_tokens_below_one_is_rejected(bad, loaded, e2b_drafter):
     fails(target, [[1, 2, 3]], "num_draft_tokens", str(bad), drafter=e2b_drafter, num_draft_tokens=bad)
     proposer = Proposer(fn=lambda *a: None, params=None)
     fails(target, [[1, 2, 3]], "num_draft_tokens", str(bad), drafter=proposer, num_draft_tokens=bad)
+
+
+@pytest.mark.parametrize("bad", [1e-40, 1e-6])
+def test_temperature_too_small_to_sample_is_rejected(bad, loaded):
+    """logits / 1e-40 overflows float32: the probabilities would be NaN and every token <pad>."""
+    fails(loaded("e2b"), [[2, 5]], "temperature", "greedy", temperature=bad)
+
+
+def test_drafter_given_as_the_model_is_rejected(e2b_drafter):
+    fails(e2b_drafter, [[2, 5]], "not a target model", "drafter")
+
+
+def test_target_given_as_the_drafter_is_rejected(loaded):
+    fails(loaded("e2b"), [[2, 5]], "not a drafter", "target model", drafter=loaded("e2b"))
+
+
+@pytest.mark.parametrize("bad", [2**64, -2**63 - 1, 1.5])
+def test_seed_outside_int64_is_rejected(bad, loaded):
+    fails(loaded("e2b"), [[2, 5]], "seed", seed=bad)
+
+
+def test_num_draft_tokens_beyond_the_limit_is_rejected(loaded, e2b_drafter):
+    fails(loaded("e2b"), [[2, 5]], "num_draft_tokens", "64", drafter=e2b_drafter, num_draft_tokens=2_000_000_000)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_stream_chunk_steps_below_one_is_rejected(bad, loaded):
+    from gemma4_jax.generate import Stream
+
+    with pytest.raises(ValueError, match="chunk_steps"):
+        Stream(loaded("e2b"), [[2, 5]], max_new_tokens=4, chunk_steps=bad)
+
+
+def test_the_drafters_num_assistant_tokens_beats_the_per_width_default(loaded, e2b_drafter, monkeypatch):
+    """A drafter trained for K drafts says so in its generation_config; a width table must not override it."""
+    from gemma4_jax import generate as gen
+
+    m = loaded("e2b")
+    monkeypatch.setitem(gen.DEFAULT_DRAFT_TOKENS, m.config.hidden_size, 2)
+    assert e2b_drafter.generation_config["num_assistant_tokens"] == 4
+    out = generate(m, [[2, 5]], drafter=e2b_drafter, max_new_tokens=4)
+    assert len(out.stats["accept_histogram"]) == 4 + 1
+
+
+def test_compile_time_is_reported_apart_from_generation(loaded):
+    import jax
+
+    m = loaded("e2b")
+    jax.clear_caches()
+    start = time.time()
+    first = generate(m, [[2, 5, 7]], max_new_tokens=6, stop_tokens=[])
+    wall = time.time() - start
+    again = generate(m, [[2, 5, 7]], max_new_tokens=6, stop_tokens=[])
+    assert first.tokens == again.tokens
+    assert first.stats["compile_seconds"] > 0 and again.stats["compile_seconds"] == 0
+    assert first.stats["seconds"] > 0
+    assert first.stats["seconds"] + first.stats["compile_seconds"] <= wall
+    assert first.stats["tokens_per_second"] == pytest.approx(6 / first.stats["seconds"])

@@ -101,12 +101,21 @@ def test_telemetry_perfect_and_always_wrong_proposals(k, loaded):
         assert row["verify_steps"] == steps
         assert row["accept_histogram"] == [0] * k + [steps]
     assert right.stats["mean_tokens_per_step"] == pytest.approx((n - 1) / steps)
+    assert right.stats["acceptance_rate"] == 1.0
+
+    # A budget that ends inside a round: the drafts it leaves no room for were never proposed.
+    cut = generate(m, prompts, drafter=Proposer(TableProposals(), _table(prompts, truth, width)),
+                   max_new_tokens=n - 1, num_draft_tokens=k, stop_tokens=[])
+    assert cut.tokens == [t[: n - 1] for t in truth]
+    assert cut.stats["acceptance_rate"] == 1.0
+    assert cut.stats["proposed_drafts"] == cut.stats["accepted_drafts"] == sum(
+        sum(a * h for a, h in enumerate(row["accept_histogram"])) for row in cut.stats["rows"])
 
     wrong_cont = [[(t + 1) % 512 for t in row] for row in truth]
     wrong = generate(m, prompts, drafter=Proposer(TableProposals(), _table(prompts, wrong_cont, width)),
                      max_new_tokens=n, num_draft_tokens=k, stop_tokens=[])
     assert wrong.tokens == [t[:n] for t in truth]  # still lossless
-    assert wrong.stats["accepted_drafts"] == 0
+    assert wrong.stats["accepted_drafts"] == 0 and wrong.stats["acceptance_rate"] == 0.0
     for row in wrong.stats["rows"]:
         assert row["verify_steps"] == n - 1 and row["mean_tokens_per_step"] == 1.0
         assert row["accept_histogram"] == [n - 1] + [0] * k
