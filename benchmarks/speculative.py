@@ -237,7 +237,7 @@ def bench_ours(model, drafter, batches, args, K):
                         num_draft_tokens=K if d is not None else None, stop_tokens=[])
 
     modes = {"plain": None, "speculative": drafter}
-    totals = {name: {"median_s": 0.0, "new_tokens": 0, "verify_steps": 0, "accepted_drafts": 0,
+    totals = {name: {"median_s": 0.0, "new_tokens": 0, "verify_steps": 0, "accepted_drafts": 0, "proposed_drafts": 0,
                      "accept_histogram": np.zeros(K + 1, np.int64)} for name in modes}
     tokens = {name: [] for name in modes}
     for i, batch in enumerate(batches):
@@ -250,7 +250,7 @@ def bench_ours(model, drafter, batches, args, K):
             total["median_s"] += t["median_s"]
             total["new_tokens"] += sum(map(len, res.tokens))
             if d is not None:
-                for k in ("verify_steps", "accepted_drafts"):
+                for k in ("verify_steps", "accepted_drafts", "proposed_drafts"):
                     total[k] += res.stats[k]
                 total["accept_histogram"] += np.asarray(res.stats["accept_histogram"])
             tokens[name] += res.tokens
@@ -259,13 +259,14 @@ def bench_ours(model, drafter, batches, args, K):
         total = totals[name]
         total["tokens_per_s"] = total["new_tokens"] / total["median_s"]
         if d is None:
-            for k in ("verify_steps", "accepted_drafts", "accept_histogram"):
+            for k in ("verify_steps", "accepted_drafts", "proposed_drafts", "accept_histogram"):
                 total.pop(k)
         else:
             steps = total["verify_steps"]
             total["accept_histogram"] = total["accept_histogram"].tolist()
             total["mean_tokens_per_step"] = (total["new_tokens"] - sum(map(len, batches))) / steps if steps else 0.0
-            total["draft_acceptance"] = total["accepted_drafts"] / (steps * K) if steps else 0.0
+            total["draft_acceptance"] = (total["accepted_drafts"] / total["proposed_drafts"]
+                                         if total["proposed_drafts"] else 0.0)
         out[name] = (total, tokens[name])
     (plain_t, plain), (spec_t, spec) = out["plain"], out["speculative"]
     lens = [len(p) for batch in batches for p in batch]

@@ -122,7 +122,7 @@ def add_generate_args(p: argparse.ArgumentParser):
 def run_generate(args) -> int:
     import gemma4_jax
     from gemma4_jax import tokenizer as tok_lib
-    from gemma4_jax.generate import Stream
+    from gemma4_jax.generate import Stream, _stop_tokens
 
     prompt = _read_prompt(args)
     if args.model is None:
@@ -157,17 +157,19 @@ def run_generate(args) -> int:
                     num_draft_tokens=args.num_draft_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     decoder = tok_lib.StreamDecoder(tokenizer)
+    stop = set(_stop_tokens(model, None))  # a stop token can only be a row's last token
     if not args.json and not args.chat:
         sys.stdout.write(prompt)
     for chunk in stream:
-        piece = decoder.push(chunk[0])
+        piece = decoder.push([t for t in chunk[0] if t not in stop])
         if not args.json and piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
     tokens = stream.result.tokens[0]
     stats = stream.result.stats
     if args.json:
-        print(json.dumps({"text": tokenizer.decode(tokens), "tokens": tokens, "stats": stats}))
+        text = tokenizer.decode([t for t in tokens if t not in stop])
+        print(json.dumps({"text": text, "tokens": tokens, "stats": stats}))
         return 0
     sys.stdout.write(decoder.flush() + "\n")
     rate = f", acceptance {stats['acceptance_rate']:.0%}" if stats["proposed_drafts"] else ""

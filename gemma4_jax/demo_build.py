@@ -215,7 +215,7 @@ A small Gemma-4-architecture target (`target/`, Gemma4ForCausalLM layout) and an
 library's source. Both load with `gemma4_jax.load` and with transformers 5.23.0
 (the drafter after transformers' all-reuse `kv_sharing_modes` fix, see tests/hf_models.py).
 
-Regenerate (same CPython version: the corpus is sha256-checked against `corpus_manifest.json`):
+Regenerate (same CPython version: every train file is checked against the sha256 in `corpus_manifest.json`):
 
     {command}
 

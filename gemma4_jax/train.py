@@ -317,7 +317,9 @@ def distill_loss(dparams: dict, dcfg: DrafterConfig, tparams: dict, tcfg: Config
                  draft_len: int, loss: str = "ce", chain_mask: bool = True, centroid_weight: float = 1.0):
     """Mean distillation loss over every (round p, step j) of sequences tokens [B, T] (see the module
     docstring), and metrics: `agree` [K], the share of step-j drafts (with the inference head)
-    equal to the target's argmax, and `weight` [K], how many (round, step) pairs counted."""
+    equal to the target's argmax over the (round, step) pairs that count (with `chain_mask`: rounds
+    whose sequence follows the target's greedy choices for the j-1 tokens before, whatever the
+    drafter drafted there), and `weight` [K], how many pairs counted."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     hidden, tlogits, views = jax.lax.stop_gradient(target_signals(tparams, tcfg, tokens))
