@@ -124,6 +124,10 @@ def run_generate(args) -> int:
     from gemma4_jax import tokenizer as tok_lib
     from gemma4_jax.generate import Stream, _stop_tokens
 
+    if args.system is not None and not args.chat:
+        raise UsageError("--system needs --chat")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UsageError("--top-k / --top-p need --temperature > 0 (temperature 0 is greedy decoding)")
     prompt = _read_prompt(args)
     if args.model is None:
         model_dir, drafter_name = DEMO_TARGET, DEMO_DRAFTER

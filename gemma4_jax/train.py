@@ -535,6 +535,8 @@ def _check_args(args) -> None:
             raise TrainError(f"data file {path}: " + ("is a directory" if os.path.isdir(path) else "not found"))
         if not os.access(path, os.R_OK):
             raise TrainError(f"data file {path}: not readable")
+    if getattr(args, "centroid_top_k", None) is not None and not args.centroids:
+        raise TrainError("--centroid-top-k needs --centroids")
     if not isinstance(args.seed, int) or args.seed < 0:
         raise TrainError(f"--seed must be an integer >= 0, got {args.seed!r}")
     _check_out(args)

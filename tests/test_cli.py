@@ -29,6 +29,8 @@ def _run(*args, env=None, stdin=None):
     (["generate", "x", "--max-new-tokens", "-5"], "--max-new-tokens"),
     (["generate", "x", "--top-k", "0"], "--top-k"),
     (["generate", "x", "--bogus"], "--bogus"),
+    (["generate", "x", "--system", "be brief"], "--chat"),
+    (["generate", "x", "--top-k", "5"], "--temperature"),
     (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
     (["generate", "x", "--model", "nobody/no-such-model-xyz"], "nobody/no-such-model-xyz"),
     (["generate", "x", "--model", "/nonexistent/dir/or/id/x"], "/nonexistent/dir/or/id/x"),

@@ -333,9 +333,10 @@ def test_train_drafter_cli_writes_a_drafter_that_loads_in_ours_and_transformers(
     (lambda a: a.update({"--seq-len": "2000"}), "fewer than --seq-len"),
     (lambda a: a.pop("--out"), "--out"),
     (lambda a: a.update({"--seed": "-1"}), "--seed"),
+    (lambda a: a.update({"--centroid-top-k": "4"}), "--centroids"),
     (lambda a: a.update({"--out": "UNWRITABLE"}), "not a writable directory"),
 ], ids=["steps", "loss", "lr", "draft-len", "data", "target", "out", "binary", "seq-len", "seq-len-data", "no-out",
-        "seed", "unwritable-out"])
+        "seed", "centroid-top-k", "unwritable-out"])
 def test_train_drafter_cli_errors_are_one_line_with_exit_code_2(edit, needle, fake_tokenizer, corpus, hf_target,
                                                                 tmp_path, capsys):
     existing = tmp_path / "existing"
@@ -350,6 +351,7 @@ def test_train_drafter_cli_errors_are_one_line_with_exit_code_2(edit, needle, fa
     unwritable.write_text("not a directory")
     argv = [{"EXISTING": str(existing), "BINARY": str(binary), "UNWRITABLE": str(unwritable / "sub")}.get(x, x)
             for x in argv]
+    capsys.readouterr()  # drop what building the fixtures printed
     assert train.train_drafter_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and needle in err and "Traceback" not in err
@@ -371,6 +373,7 @@ def test_train_drafter_overwrite_never_replaces_the_target_the_data_or_other_fil
     out = {"target": target, "data_dir": data_dir, "not_a_checkpoint": other}[where]
     before = sorted(os.listdir(out))
     argv = ["--target", str(target), "--data", str(data), "--out", str(out), "--overwrite", "--steps", "1"]
+    capsys.readouterr()  # drop what building the fixtures printed
     assert train.train_drafter_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--out" in err
@@ -382,6 +385,7 @@ def test_train_drafter_cli_with_a_corrupt_tokenizer_is_a_one_line_error(corpus, 
     shutil.copytree(hf_target("e2b")[1], target)
     (target / "tokenizer.model").write_bytes(b"garbage")
     argv = ["--target", str(target), "--data", corpus, "--out", str(tmp_path / "new")]
+    capsys.readouterr()  # drop what building the fixtures printed
     assert train.train_drafter_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "tokenizer" in err and not (tmp_path / "new").exists()
@@ -395,6 +399,7 @@ def test_training_with_zero_steps_is_a_clear_error(loaded):
 
 def test_train_drafter_cli_without_a_tokenizer_in_the_target_is_a_one_line_error(corpus, hf_target, tmp_path, capsys):
     argv = ["--target", hf_target("e2b")[1], "--data", corpus, "--out", str(tmp_path / "new")]
+    capsys.readouterr()  # drop what building the fixtures printed
     assert train.train_drafter_cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "tokenizer" in err
