@@ -113,20 +113,21 @@ class Plan:
     cfg: Config
     propose: Callable | None
     K: int
-    warp: Warp
+    warp: Warp  # its static part (Warp.static); the numbers are traced arguments
     stop: tuple[int, ...]
     out_size: int  # output buffer width (a power-of-two bucket of max_new_tokens)
     max_len: int  # cache positions: prompt bucket + out_size + K + 1
 
 
-def _start(params, tokens, lengths, max_new, key, plan: Plan) -> State:
+def _start(params, tokens, lengths, max_new, key, warp_values, plan: Plan) -> State:
     """Prefill the right-padded prompts and pick each row's first token."""
     cfg, B = plan.cfg, tokens.shape[0]
+    warp = plan.warp.bind(warp_values)
     cache = kv.init(cfg, B, plan.max_len, block=plan.K + 1, dtype=params["embed"].dtype)
     hidden, cache = model.prefill(params, cfg, tokens, cache, lengths)
     h_last = hidden[jnp.arange(B), lengths - 1]
     key, k0 = jax.random.split(key)
-    first = sampling.select(k0, plan.warp, model.logits(params, cfg, h_last[:, None])[:, 0])
+    first = sampling.select(k0, warp, model.logits(params, cfg, h_last[:, None])[:, 0])
     out = jnp.full((B, plan.out_size), -1, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((B,), jnp.int32)
     return State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
@@ -134,9 +135,9 @@ def _start(params, tokens, lengths, max_new, key, plan: Plan) -> State:
                  proposed=zeros, histogram=jnp.zeros((B, plan.K + 1), jnp.int32))
 
 
-def _run(params, prop_params, state: State, max_new, max_steps, plan: Plan) -> State:
+def _run(params, prop_params, state: State, max_new, max_steps, warp_values, plan: Plan) -> State:
     """The decoding loop: until every row is done, or `max_steps` verify steps have run."""
-    cfg, K, warp, stop = plan.cfg, plan.K, plan.warp, plan.stop
+    cfg, K, warp, stop = plan.cfg, plan.K, plan.warp.bind(warp_values), plan.stop
     B = state.last.shape[0]
     rows, j, zeros = jnp.arange(B), jnp.arange(K + 1)[None, :], jnp.zeros((B,), jnp.int32)
 
@@ -178,10 +179,10 @@ def _run(params, prop_params, state: State, max_new, max_steps, plan: Plan) -> S
 
 
 @functools.partial(jax.jit, static_argnames="plan")
-def _generate(params, prop_params, tokens, lengths, max_new, key, plan: Plan) -> State:
+def _generate(params, prop_params, tokens, lengths, max_new, key, warp_values, plan: Plan) -> State:
     """Prefill and the whole loop, one program."""
-    state = _start(params, tokens, lengths, max_new, key, plan)
-    return _run(params, prop_params, state, max_new, jnp.iinfo(jnp.int32).max, plan)
+    state = _start(params, tokens, lengths, max_new, key, warp_values, plan)
+    return _run(params, prop_params, state, max_new, jnp.iinfo(jnp.int32).max, warp_values, plan)
 
 
 _start_jit = jax.jit(_start, static_argnames="plan")
@@ -248,6 +249,7 @@ class _Job:
     lengths: jax.Array
     max_new: jax.Array
     key: jax.Array
+    warp_values: jax.Array
     mesh: Any
 
     def context(self):
@@ -314,10 +316,10 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
     if model_obj.mesh is not None:
         tokens = jax.device_put(tokens, sharding.batch_sharding(model_obj.mesh, tokens.shape))
         lengths = jax.device_put(lengths, sharding.batch_sharding(model_obj.mesh, lengths.shape))
-    plan = Plan(cfg=cfg, propose=propose, K=K, warp=warp, stop=_stop_tokens(model_obj, stop_tokens),
+    plan = Plan(cfg=cfg, propose=propose, K=K, warp=warp.static(), stop=_stop_tokens(model_obj, stop_tokens),
                 out_size=out_size, max_len=T + out_size + K + 1)
     return _Job(plan, model_obj.params, prop_params, tokens, lengths, jnp.int32(max_new_tokens),
-                jax.random.key(seed), model_obj.mesh)
+                jax.random.key(seed), warp.values(), model_obj.mesh)
 
 
 def _result(state: State, seconds: float, compile_seconds: float) -> Result:
@@ -346,7 +348,8 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
     job = _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temperature, top_k, top_p,
                    seed, stop_tokens)
     with job.context(), _Clock() as clock:
-        state = _generate(job.params, job.prop_params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
+        state = _generate(job.params, job.prop_params, job.tokens, job.lengths, job.max_new, job.key,
+                          job.warp_values, job.plan)
         state.out.block_until_ready()
     return _result(state, clock.seconds, clock.compile_seconds)
 
@@ -374,7 +377,8 @@ class Stream:
         seconds = compile_seconds = 0.0
         with job.context():
             with _Clock() as clock:
-                state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.plan)
+                state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.warp_values,
+                                   job.plan)
                 seen = np.zeros(job.tokens.shape[0], np.int64)
                 out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
             while True:
@@ -384,7 +388,8 @@ class Stream:
                 if done.all():
                     break
                 with _Clock() as clock:
-                    state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.plan)
+                    state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.warp_values,
+                                     job.plan)
                     out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
         self.result = _result(state, seconds, compile_seconds)
 

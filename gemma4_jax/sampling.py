@@ -19,13 +19,19 @@ def is_int(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Warp:
-    """How logits become a distribution (static under jit). temperature 0 means greedy."""
+    """How logits become a distribution. temperature 0 means greedy.
+
+    Inside a compiled program the temperature and top-p are traced values (`static()` gives the part
+    that shapes the program, `values()` the numbers, `bind` joins them), so trying another
+    temperature or top-p does not recompile; greedy vs sampling and top-k do."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)):
+            return  # bound to traced values (see `bind`): checked when the Warp was made
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T would overflow float32 into NaN probabilities
@@ -34,10 +40,28 @@ class Warp:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p == 1:
+            object.__setattr__(self, "top_p", None)  # keeps everything: the same as no top-p
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return isinstance(self.temperature, (int, float)) and self.temperature == 0
+
+    def static(self) -> "Warp":
+        """What the compiled program depends on: greedy or not, top-k, whether there is a top-p."""
+        if self.greedy:
+            return Warp()
+        return Warp(1.0, self.top_k, None if self.top_p is None else 0.5)
+
+    def values(self) -> jax.Array:
+        """[temperature, top_p] as float32, the traced half (unused when greedy)."""
+        return jnp.asarray([self.temperature or 1.0, 1.0 if self.top_p is None else self.top_p], jnp.float32)
+
+    def bind(self, values: jax.Array) -> "Warp":
+        """This static Warp with the traced numbers of `values()`."""
+        if self.greedy:
+            return self
+        return Warp(values[0], self.top_k, None if self.top_p is None else values[1])
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """fp32 probabilities [..., V]: temperature, then top-k, then top-p (the reference's order)."""
@@ -46,7 +70,7 @@ class Warp:
             kth = jax.lax.top_k(x, self.top_k)[0][..., -1:]
             x = jnp.where(x >= kth, x, -jnp.inf)
         p = jax.nn.softmax(x, axis=-1)
-        if self.top_p is not None and self.top_p < 1:
+        if self.top_p is not None:
             desc = -jnp.sort(-p, axis=-1)
             # keep the smallest prefix whose mass reaches top_p (always at least the top token)
             keep = (jnp.cumsum(desc, axis=-1) - desc) < self.top_p

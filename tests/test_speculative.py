@@ -277,3 +277,9 @@ def test_recompiles_only_when_a_shape_bucket_changes(loaded):
     assert gen._generate._cache_size() == before
     generate(m, [[5, 6, 7]], max_new_tokens=40, stop_tokens=[])  # output bucket 64
     assert gen._generate._cache_size() == before + 1
+    # sampling: greedy vs sampled and top-k shape the program; temperature and top-p are traced
+    a = generate(m, [[5, 6, 7]], max_new_tokens=20, temperature=0.7, top_p=0.9, seed=1, stop_tokens=[])
+    assert gen._generate._cache_size() == before + 2
+    b = generate(m, [[5, 6, 7]], max_new_tokens=20, temperature=1.3, top_p=0.5, seed=1, stop_tokens=[])
+    assert gen._generate._cache_size() == before + 2
+    assert a.tokens != b.tokens  # the traced values really changed the sampling
