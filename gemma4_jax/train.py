@@ -503,13 +503,18 @@ def read_corpus(files: Iterable[str], tokenizer, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def window_batches(ids: np.ndarray, seq_len: int, batch_size: int, seed: int):
+def window_batches(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, bos: int | None = None):
     """An endless stream of batches [batch_size, seq_len] of windows drawn at random from the
-    non-overlapping windows of `ids`."""
-    n = len(ids) // seq_len
+    non-overlapping windows of `ids`. With `bos`, each window is `bos` and then seq_len - 1 tokens:
+    a real target sees every sequence start with <bos>, and its hidden states without one are not
+    what the drafter meets at inference."""
+    body = seq_len - (bos is not None)
+    n = len(ids) // body
     if n == 0:
         raise TrainError(f"the data has {len(ids)} tokens, fewer than --seq-len {seq_len}")
-    windows = ids[: n * seq_len].reshape(n, seq_len)
+    windows = ids[: n * body].reshape(n, body)
+    if bos is not None:
+        windows = np.concatenate([np.full((n, 1), bos, windows.dtype), windows], axis=1)
     rng = np.random.default_rng(seed)
     return (windows[rng.integers(0, n, batch_size)] for _ in iter(int, 1))
 
@@ -605,7 +610,7 @@ def _train_drafter(args) -> str:
     except ValueError as e:
         raise TrainError(str(e)) from None
     ids = read_corpus(args.data, tokenizer, tcfg.vocab_size)
-    batches = window_batches(ids, args.seq_len, args.batch_size, args.seed)
+    batches = window_batches(ids, args.seq_len, args.batch_size, args.seed, bos=tokenizer.bos_id)
     print(f"train-drafter: {len(ids)} tokens from {len(args.data)} file(s); drafter {dcfg.text.num_layers} layers x "
           f"{dcfg.text.hidden_size} ({params_lib.count(drafter_lib.declare(dcfg)):,} parameters), K={args.draft_len}, "
           f"loss {args.loss}", file=sys.stderr)

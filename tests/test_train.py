@@ -281,8 +281,20 @@ def test_drafter_config_fits_the_target_and_orders_its_vocabulary_into_equal_clu
 class CharTokenizer:
     """Stands in for the checkpoint's tokenizer: one id per byte, offset past the special ids."""
 
+    bos_id = 2
+
     def encode(self, text, add_bos=True):
         return ([2] if add_bos else []) + [3 + b % 509 for b in text.encode()]
+
+
+def test_training_windows_start_with_bos_when_asked():
+    ids = np.arange(10, 110, dtype=np.int32)
+    batch = next(train.window_batches(ids, 8, 32, seed=0, bos=2))
+    assert batch.shape == (32, 8) and (batch[:, 0] == 2).all()
+    assert (np.diff(batch[:, 1:], axis=1) == 1).all()  # then 7 consecutive corpus tokens
+    assert ((batch[:, 1] - 10) % 7 == 0).all()  # from the non-overlapping 7-token windows
+    plain = next(train.window_batches(ids, 8, 4, seed=0))
+    assert (np.diff(plain, axis=1) == 1).all()
 
 
 @pytest.fixture
