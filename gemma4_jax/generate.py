@@ -120,8 +120,11 @@ class Plan:
 
 
 def _start(params, tokens, lengths, max_new, key, warp_values, plan: Plan) -> State:
-    """Prefill the right-padded prompts and pick each row's first token."""
+    """Prefill the right-padded prompts and pick each row's first token. Rows of length 0 fill up
+    the batch bucket: they are done from the start."""
     cfg, B = plan.cfg, tokens.shape[0]
+    filler = lengths == 0
+    lengths = jnp.maximum(lengths, 1)
     warp = plan.warp.bind(warp_values)
     cache = kv.init(cfg, B, plan.max_len, block=plan.K + 1, dtype=params["embed"].dtype)
     hidden, cache = model.prefill(params, cfg, tokens, cache, lengths)
@@ -131,7 +134,7 @@ def _start(params, tokens, lengths, max_new, key, warp_values, plan: Plan) -> St
     out = jnp.full((B, plan.out_size), -1, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((B,), jnp.int32)
     return State(cache=cache, last=first, hidden=h_last, out=out, out_len=zeros + 1,
-                 done=_is_stop(first, plan.stop) | (max_new <= 1), key=key, steps=zeros, accepted=zeros,
+                 done=_is_stop(first, plan.stop) | (max_new <= 1) | filler, key=key, steps=zeros, accepted=zeros,
                  proposed=zeros, histogram=jnp.zeros((B, plan.K + 1), jnp.int32))
 
 
@@ -233,6 +236,15 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << math.ceil(math.log2(max(n, 1))))
 
 
+def _batch_bucket(n: int, mesh) -> int:
+    """Rows the compiled program has for n prompts: 1, 2, 4, 8, then multiples of 8, and a multiple
+    of the mesh's data axis, so that a last, smaller batch of a job reuses the program (and its
+    rows still shard)."""
+    b = 1 << math.ceil(math.log2(n)) if n <= 8 else -(-n // 8) * 8
+    d = mesh.shape.get(sharding.DATA, 1) if mesh is not None else 1
+    return -(-b // d) * d
+
+
 def _stop_tokens(model_obj, stop_tokens) -> tuple[int, ...]:
     if stop_tokens is None:
         eos = model_obj.generation_config.get("eos_token_id", [])
@@ -251,6 +263,7 @@ class _Job:
     key: jax.Array
     warp_values: jax.Array
     mesh: Any
+    rows: int  # the caller's rows; the batch bucket may add filler rows after them
 
     def context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -306,11 +319,14 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
                          or DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, 4))
         K = int(num_draft_tokens if num_draft_tokens is not None else default_k)
 
-    B, T = len(prompts), _bucket(longest)
+    # A Proposer's params may hold per-row data, so it sees exactly the caller's rows.
+    B = len(prompts) if isinstance(drafter, Proposer) else _batch_bucket(len(prompts), model_obj.mesh)
+    T = _bucket(longest)
     tokens = np.zeros((B, T), np.int32)
+    lengths = np.zeros((B,), np.int32)  # 0: a filler row of the batch bucket, done from the start
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
+        lengths[i] = len(p)
     out_size = _bucket(max_new_tokens)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
     if model_obj.mesh is not None:
@@ -319,12 +335,12 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
     plan = Plan(cfg=cfg, propose=propose, K=K, warp=warp.static(), stop=_stop_tokens(model_obj, stop_tokens),
                 out_size=out_size, max_len=T + out_size + K + 1)
     return _Job(plan, model_obj.params, prop_params, tokens, lengths, jnp.int32(max_new_tokens),
-                jax.random.key(seed), warp.values(), model_obj.mesh)
+                jax.random.key(seed), warp.values(), model_obj.mesh, len(prompts))
 
 
-def _result(state: State, seconds: float, compile_seconds: float) -> Result:
-    out, out_len, steps, accepted, proposed, hist = jax.device_get(
-        (state.out, state.out_len, state.steps, state.accepted, state.proposed, state.histogram))
+def _result(state: State, rows: int, seconds: float, compile_seconds: float) -> Result:
+    out, out_len, steps, accepted, proposed, hist = (x[:rows] for x in jax.device_get(
+        (state.out, state.out_len, state.steps, state.accepted, state.proposed, state.histogram)))
     rows = [out[i, : out_len[i]].tolist() for i in range(len(out_len))]
     stats = _stats(out_len, steps, accepted, proposed, hist, seconds)
     stats["compile_seconds"] = compile_seconds
@@ -351,7 +367,7 @@ def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_n
         state = _generate(job.params, job.prop_params, job.tokens, job.lengths, job.max_new, job.key,
                           job.warp_values, job.plan)
         state.out.block_until_ready()
-    return _result(state, clock.seconds, clock.compile_seconds)
+    return _result(state, job.rows, clock.seconds, clock.compile_seconds)
 
 
 class Stream:
@@ -379,7 +395,7 @@ class Stream:
             with _Clock() as clock:
                 state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.warp_values,
                                    job.plan)
-                seen = np.zeros(job.tokens.shape[0], np.int64)
+                seen = np.zeros(job.rows, np.int64)
                 out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
             while True:
                 seconds, compile_seconds = seconds + clock.seconds, compile_seconds + clock.compile_seconds
@@ -391,7 +407,7 @@ class Stream:
                     state = _run_jit(job.params, job.prop_params, state, job.max_new, self._chunk, job.warp_values,
                                      job.plan)
                     out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
-        self.result = _result(state, seconds, compile_seconds)
+        self.result = _result(state, job.rows, seconds, compile_seconds)
 
 
 def _summary(new, steps, accepted, proposed, hist, seconds):

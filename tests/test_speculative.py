@@ -283,3 +283,18 @@ def test_recompiles_only_when_a_shape_bucket_changes(loaded):
     b = generate(m, [[5, 6, 7]], max_new_tokens=20, temperature=1.3, top_p=0.5, seed=1, stop_tokens=[])
     assert gen._generate._cache_size() == before + 2
     assert a.tokens != b.tokens  # the traced values really changed the sampling
+
+
+def test_batch_sizes_in_one_bucket_share_a_program_and_filler_rows_change_nothing(loaded, drafter):
+    """3 prompts run in the 4-row program; the filler row is done from the start and not reported."""
+    from gemma4_jax import generate as gen
+
+    m, d = loaded("e2b"), drafter("e2b")
+    prompts = _prompts(4)
+    four = generate(m, prompts, drafter=d, max_new_tokens=12, stop_tokens=[])
+    before = gen._generate._cache_size()
+    three = generate(m, prompts[:3], drafter=d, max_new_tokens=12, stop_tokens=[])
+    assert gen._generate._cache_size() == before
+    assert three.tokens == four.tokens[:3] and len(three.stats["rows"]) == 3
+    assert three.stats["verify_steps"] == sum(r["verify_steps"] for r in four.stats["rows"][:3])
+    assert three.stats["new_tokens"] == 36
