@@ -296,13 +296,13 @@ def init_drafter(dcfg: DrafterConfig, seed: int = 0, *, target_params: dict | No
 # --- distillation -------------------------------------------------------------------------------
 
 def target_signals(tparams: dict, tcfg: Config, tokens: jax.Array):
-    """The frozen target over sequences [B, T]: post-norm hidden [B, T, Dt], logits [B, T, V]
-    (row i: the distribution of the token at i+1), and the drafter's views of its K/V at all T
+    """The frozen target over sequences [B, T]: post-norm hidden [B, T, Dt] (its logits at row i
+    give the distribution of the token at i+1) and the drafter's views of its K/V at all T
     positions (a cache of T slots per layer, so every key keeps its position)."""
     B, T = tokens.shape
     cache = kv.init(tcfg, B, T, block=T, dtype=tparams["embed"].dtype)
     hidden, cache = model.forward(tparams, tcfg, tokens, cache)
-    return hidden, model.logits(tparams, tcfg, hidden), drafter_lib.target_kv(tcfg, cache)
+    return hidden, drafter_lib.target_kv(tcfg, cache)
 
 
 def _shift(x: jax.Array, n: int) -> jax.Array:
@@ -313,23 +313,70 @@ def _shift(x: jax.Array, n: int) -> jax.Array:
     return jnp.concatenate([x[:, n:], pad], axis=1)
 
 
+LOGITS_BUDGET = 1 << 24  # elements of one [B, positions, V] logits block (64 MiB in float32)
+
+
+def _over_chunks(fn, chunk: int, *xs, join: bool = False):
+    """fn over chunks of positions: each x [B, T, ...] is cut into [B, chunk, ...] pieces (T padded
+    with zeros) and fn's outputs are summed over chunks, or with `join` put back together as
+    [B, T, ...]. Summed chunks are rematerialised: the vocabulary-sized logits of a chunk exist only
+    while that chunk is computed, forward and backward."""
+    T = xs[0].shape[1]
+    n = -(-T // chunk)
+    if n == 1:
+        return fn(*xs)
+    pad = [(0, 0), (0, n * chunk - T)]
+    pieces = tuple(jnp.moveaxis(jnp.pad(x, pad + [(0, 0)] * (x.ndim - 2)).reshape(x.shape[0], n, chunk, *x.shape[2:]),
+                                1, 0) for x in xs)
+    if join:
+        out = jax.lax.map(lambda c: fn(*c), pieces)
+        return jax.tree.map(lambda v: jnp.moveaxis(v, 0, 1).reshape(v.shape[1], n * chunk, *v.shape[3:])[:, :T], out)
+    out = jax.lax.map(lambda c: jax.checkpoint(fn)(*c), pieces)
+    return jax.tree.map(lambda v: v.sum(0), out)
+
+
 def distill_loss(dparams: dict, dcfg: DrafterConfig, tparams: dict, tcfg: Config, tokens: jax.Array, *,
-                 draft_len: int, loss: str = "ce", chain_mask: bool = True, centroid_weight: float = 1.0):
+                 draft_len: int, loss: str = "ce", chain_mask: bool = True, centroid_weight: float = 1.0,
+                 chunk: int | None = None):
     """Mean distillation loss over every (round p, step j) of sequences tokens [B, T] (see the module
     docstring), and metrics: `agree` [K], the share of step-j drafts (with the inference head)
     equal to the target's argmax over the (round, step) pairs that count (with `chain_mask`: rounds
     whose sequence follows the target's greedy choices for the j-1 tokens before, whatever the
-    drafter drafted there), and `weight` [K], how many pairs counted."""
+    drafter drafted there), and `weight` [K], how many pairs counted.
+
+    Vocabulary-sized logits (the target's and the drafter's) are computed `chunk` positions at a
+    time (default: what keeps one [B, chunk, V] block within LOGITS_BUDGET elements) and
+    recomputed in the backward pass, so memory does not grow with T x V (V = 262144 for Gemma 4)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    hidden, tlogits, views = jax.lax.stop_gradient(target_signals(tparams, tcfg, tokens))
+    hidden, views = jax.lax.stop_gradient(target_signals(tparams, tcfg, tokens))
     B, T = tokens.shape
-    greedy = jnp.argmax(tlogits, axis=-1).astype(jnp.int32)  # greedy[i]: the target's token at i+1
+    V = tcfg.vocab_size
+    chunk = int(chunk or max(1, LOGITS_BUDGET // (B * V)))
+    greedy_of = lambda th: {"g": jnp.argmax(model.logits(tparams, tcfg, th), axis=-1).astype(jnp.int32)}  # noqa: E731
+    greedy = jax.lax.stop_gradient(_over_chunks(greedy_of, chunk, hidden, join=True)["g"])  # token at i+1
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # agree[i]: the sequence's token at i+1 is the target's greedy token
     agree = jnp.concatenate([tokens[:, 1:] == greedy[:, :-1], jnp.zeros((B, 1), bool)], axis=1)
     ok = pos >= 1  # a round needs the hidden state that produced its token
     tok, carry = tokens, jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
+
+    def position_losses(h, th, w):
+        """Sums over one chunk of positions: drafter hidden h, the target's hidden for the label th
+        (row p: the state whose logits give the token at p+j+1), weights w."""
+        label = jax.lax.stop_gradient(model.logits(tparams, tcfg, th))
+        best = jnp.argmax(label, axis=-1)
+        logq = jax.nn.log_softmax(jnp.einsum("BTD,VD->BTV", h, dparams["embed"], preferred_element_type=f32))
+        logp = jax.nn.log_softmax(label)
+        if loss == "kl":
+            per = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+        else:
+            per = -jnp.take_along_axis(logq, best[..., None], axis=-1)[..., 0]
+        if dcfg.ordered_embeddings:
+            per = per + centroid_weight * _centroid_loss(dparams, dcfg, h, logp, best, loss)
+        draft = jnp.argmax(drafter_lib.head(dparams, dcfg, jax.lax.stop_gradient(h)), axis=-1)  # as at inference
+        return {"loss": jnp.sum(per * w), "hits": jnp.sum((draft == best) * w)}
+
     total, count, hits, weights = 0.0, 0.0, [], []
     for j in range(draft_len):
         if j:
@@ -339,20 +386,10 @@ def distill_loss(dparams: dict, dcfg: DrafterConfig, tparams: dict, tcfg: Config
         valid = ok & (pos + j <= T - 1)
         x = jnp.concatenate([model.embed(tparams, tcfg, tok), carry.astype(hidden.dtype)], axis=-1)
         h, carry = drafter_lib.hidden(dparams, dcfg, x, pos, views)
-        logq = jax.nn.log_softmax(jnp.einsum("BTD,VD->BTV", h, dparams["embed"], preferred_element_type=f32))
-        label = _shift(tlogits, j)  # the target's distribution at p+j+1
-        best = jnp.argmax(label, axis=-1)
-        logp = jax.nn.log_softmax(label)
-        if loss == "kl":
-            per = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-        else:
-            per = -jnp.take_along_axis(logq, best[..., None], axis=-1)[..., 0]
-        if dcfg.ordered_embeddings:
-            per = per + centroid_weight * _centroid_loss(dparams, dcfg, h, logp, best, loss)
         w = valid.astype(f32)
-        total, count = total + jnp.sum(per * w), count + jnp.sum(w)
-        draft = jnp.argmax(drafter_lib.head(dparams, dcfg, jax.lax.stop_gradient(h)), axis=-1)  # as at inference
-        hits.append(jnp.sum((draft == best) * w) / jnp.maximum(jnp.sum(w), 1.0))
+        sums = _over_chunks(position_losses, chunk, h, _shift(hidden, j), w)
+        total, count = total + sums["loss"], count + jnp.sum(w)
+        hits.append(sums["hits"] / jnp.maximum(jnp.sum(w), 1.0))
         weights.append(jnp.sum(w))
     return total / jnp.maximum(count, 1.0), {"agree": jnp.stack(hits), "weight": jnp.stack(weights)}
 

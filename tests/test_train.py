@@ -237,6 +237,30 @@ def test_drafter_forward_at_many_positions_equals_one_step_per_position(loaded):
         np.testing.assert_allclose(np.asarray(carry[:, t]), np.asarray(c[:, 0]), atol=1e-5)
 
 
+@pytest.mark.parametrize("loss, ordered", [("ce", True), ("kl", False)])
+def test_distillation_loss_over_position_chunks_equals_the_whole(loss, ordered, loaded):
+    """Chunking (what keeps real vocabularies' [B, T, V] logits out of memory) changes no number:
+    loss, metrics and gradients, with T not a multiple of the chunk."""
+    m = loaded("e2b")
+    dcfg = train.drafter_config_for(m.config, hidden_size=16, num_layers=1, num_centroids=16 if ordered else 0)
+    dp = train.init_drafter(dcfg, 0, target_params=m.params)
+    frozen, trainable = dp["ordering"], {**dp, "ordering": None}
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 512, (2, 23)), jnp.int32)
+
+    def run(chunk):
+        f = lambda p: train.distill_loss({**p, "ordering": frozen}, dcfg, m.params, m.config, tokens,  # noqa: E731
+                                         draft_len=3, loss=loss, chunk=chunk)
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(trainable)
+
+    (whole, mw), gw = run(23)
+    (parts, mp), gp = run(5)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5)
+    np.testing.assert_array_equal(mp["weight"], mw["weight"])
+    np.testing.assert_allclose(mp["agree"], mw["agree"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gw)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def _acceptance(target, dcfg, dparams, prompts, k):
     out = generate(target, prompts, drafter=api.Drafter(config=dcfg, params=dparams), max_new_tokens=24,
                    num_draft_tokens=k, stop_tokens=[])
