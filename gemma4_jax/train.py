@@ -37,8 +37,10 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -141,21 +143,77 @@ def _training_copy(tree):
                                             copy=True), tree)
 
 
-def _stream(batches, steps: int, place_batch):
-    """Placed batches; the first is checked now, before anything compiles."""
+def _stream(batches, steps: int, place_batch, skip: int = 0):
+    """Placed batches after the first `skip` (already trained on: a resumed run replays the data
+    order without them); the first placed batch is checked now, before anything compiles."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    it = (place_batch(b) for b in _iterate(batches, steps))
+    raw = _iterate(batches, steps)
+    for _ in range(skip):
+        next(raw)
+    it = (place_batch(b) for b in raw)
+    if skip >= steps:
+        return iter(())
     return itertools.chain([next(it)], it)
 
 
-def _run(step_fn, state, stream, steps, on_step, log_every, mesh):
+class Checkpoints:
+    """Progress of one training run in `directory` (orbax): the training state every `every` steps,
+    so that the same run, started again, resumes from the last one instead of step 0. `options`
+    (a JSON-able dict) identifies the run: a directory left by a run with other options is refused."""
+
+    def __init__(self, directory: str, every: int, options: dict):
+        import orbax.checkpoint as ocp
+
+        self.directory, self.every, self._ocp = os.path.abspath(directory), every, ocp
+        meta = os.path.join(self.directory, "run.json")
+        if os.path.exists(meta):
+            with open(meta, encoding="utf-8") as f:
+                saved = json.load(f)
+            differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+            if differ:
+                k = differ[0]
+                raise TrainError(f"{self.directory} holds an unfinished run with other options ({k}: "
+                                 f"{saved.get(k)!r} there, {options.get(k)!r} now); delete it to start over")
+        else:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(meta + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(options, f, indent=1, sort_keys=True)
+            os.replace(meta + ".tmp", meta)
+        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "state"),
+                                              options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+    def latest_step(self) -> int:
+        """The step of the last saved state (0: none yet)."""
+        return int(self._manager.latest_step() or 0)
+
+    def restore(self, state):
+        """(the last saved state, its step), or (state, 0) when there is none yet."""
+        step = self.latest_step()
+        if not step:
+            return state, 0
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state)
+        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract)), int(step)
+
+    def save(self, step: int, state) -> None:
+        self._manager.save(step, args=self._ocp.args.StandardSave(state))
+        self._manager.wait_until_finished()  # the next step donates these buffers
+
+    def remove(self) -> None:
+        """The run is done (its result written): its progress goes."""
+        self._manager.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _run(step_fn, state, stream, steps, on_step, log_every, mesh, checkpoints=None, first: int = 0):
     start = time.perf_counter()
     with _mesh_context(mesh):
-        for i, batch in enumerate(stream):
+        for i, batch in enumerate(stream, start=first):
             state, loss, metrics = step_fn(state, batch)
             if on_step is not None and (i % log_every == 0 or i == steps - 1):
                 on_step(i, float(loss), jax.device_get(metrics), time.perf_counter() - start)
+            if checkpoints is not None and (i + 1) % checkpoints.every == 0 and i + 1 < steps:
+                checkpoints.save(i + 1, state)
     return state
 
 
@@ -410,13 +468,15 @@ def _centroid_loss(dparams, dcfg, h, logp, best, loss):
 def distill(tparams: dict, tcfg: Config, dcfg: DrafterConfig, batches, *, steps: int, lr: float = 1e-3,
             seed: int = 0, draft_len: int = 4, loss: str = "ce", chain_mask: bool = True,
             dparams: dict | None = None, mesh=None, dtype="float32", on_step: Callable | None = None,
-            log_every: int = 50) -> dict:
+            log_every: int = 50, checkpoints: Checkpoints | None = None) -> dict:
     """Distils a drafter with config `dcfg` against the frozen target (`tparams`, `tcfg`) on
     `batches` of token sequences [B, T] for `steps` AdamW steps, unrolling `draft_len` draft steps.
     `dparams` continues from given weights (default: `init_drafter` from `seed`). Returns the
     drafter's parameters in `dtype`. With `mesh`, drafter parameters and batches are sharded by
     sharding.RULES (pass target parameters loaded onto the same mesh). `on_step(step, loss,
-    metrics, seconds)` is called every `log_every` steps; metrics as in `distill_loss`."""
+    metrics, seconds)` is called every `log_every` steps; metrics as in `distill_loss`. With
+    `checkpoints`, the state is saved every `checkpoints.every` steps, and a run that finds one
+    there resumes from it (the batches it already trained on are skipped)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if draft_len < 1:
@@ -424,7 +484,6 @@ def distill(tparams: dict, tcfg: Config, dcfg: DrafterConfig, batches, *, steps:
     drafter_lib.check_compatible(dcfg, tcfg)
     decl = drafter_lib.declare(dcfg)
     place, place_batch = _placer(mesh, tcfg.vocab_size)
-    stream = _stream(batches, steps, place_batch)
     p = init_drafter(dcfg, seed, target_params=tparams) if dparams is None else _training_copy(dparams)
     p = place(p, decl)
     frozen = p["ordering"]  # an index table: not trained
@@ -444,8 +503,12 @@ def distill(tparams: dict, tcfg: Config, dcfg: DrafterConfig, batches, *, steps:
 
     with _mesh_context(mesh):
         state = (train, jax.jit(opt.init)(train))
+    done = 0
+    if checkpoints is not None:
+        state, done = checkpoints.restore(state)
+    stream = _stream(batches, steps, place_batch, skip=done)
     run_step = lambda state, tokens: step(state, frozen, tparams, tokens)  # noqa: E731
-    train, _ = _run(run_step, state, stream, steps, on_step, log_every, mesh)
+    train, _ = _run(run_step, state, stream, steps, on_step, log_every, mesh, checkpoints, first=done)
     return _cast({**train, "ordering": frozen}, dtype)
 
 
@@ -514,6 +577,9 @@ def add_train_drafter_args(parser: argparse.ArgumentParser) -> argparse.Argument
     a("--seed", type=_int_at_least(0), default=0, help="initialisation and data-order seed (default 0)")
     a("--log-every", type=_int_at_least(1), default=100, help="progress line every N steps")
     a("--overwrite", action="store_true", help="replace an existing --out directory")
+    a("--checkpoint-every", type=_int_at_least(0), default=200,
+      help="save the training state every N steps next to --out (in .NAME.train/); running the same "
+           "command again resumes from it (default 200; 0: never)")
     return parser
 
 
@@ -657,17 +723,40 @@ def _train_drafter(args) -> str:
         print(f"step {step + 1}/{args.steps}  loss {loss:.4f}  agreement per draft step [{agree}]  {seconds:.0f}s",
               file=sys.stderr)
 
+    checkpoints = None
+    if getattr(args, "checkpoint_every", 0):
+        checkpoints = Checkpoints(_progress_dir(args.out), args.checkpoint_every, _run_options(args))
+        done = checkpoints.latest_step()
+        if done:
+            print(f"train-drafter: resuming from step {done} of {args.steps} ({checkpoints.directory})",
+                  file=sys.stderr)
     dparams = distill(target.params, tcfg, dcfg, batches, steps=args.steps, lr=args.lr, seed=args.seed,
                       draft_len=args.draft_len, loss=args.loss, dtype=args.dtype, on_step=log,
-                      log_every=args.log_every)
+                      log_every=args.log_every, checkpoints=checkpoints)
     try:
         out = export.export_drafter(args.out, dcfg, dparams, generation_config=target.generation_config,
                                     num_assistant_tokens=args.draft_len,
                                     extra_files=export.tokenizer_files(args.target), overwrite=args.overwrite)
     except (FileExistsError, OSError) as e:
         raise TrainError(f"--out {args.out}: cannot write ({e})") from None
+    if checkpoints is not None:
+        checkpoints.remove()
     print(out)
     return out
+
+
+def _progress_dir(out: str) -> str:
+    """Where train-drafter keeps its progress: a hidden sibling of --out."""
+    parent, base = os.path.split(os.path.abspath(out))
+    return os.path.join(parent, f".{base}.train")
+
+
+def _run_options(args) -> dict:
+    """What makes two train-drafter runs the same run (a resumed one must match)."""
+    keys = ("steps", "draft_len", "batch_size", "seq_len", "lr", "hidden_size", "layers", "intermediate_size",
+            "loss", "centroids", "centroid_top_k", "dtype", "seed")
+    return {"target": os.path.realpath(args.target), "data": [os.path.realpath(d) for d in args.data],
+            **{k: getattr(args, k, None) for k in keys}}
 
 
 def train_drafter_cli(argv: Sequence[str] | None = None) -> int:

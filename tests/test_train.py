@@ -23,6 +23,7 @@ import torch
 
 import gemma4_jax
 import hf_models
+from checkpoint_edits import read_tensors
 from gemma4_jax import api, drafter, export, train
 from gemma4_jax.generate import generate
 
@@ -431,6 +432,39 @@ def test_training_with_zero_steps_is_a_clear_error(loaded):
     batches = iter([np.zeros((2, 9), np.int32)])
     with pytest.raises(ValueError, match="steps"):
         train.pretrain(loaded("e2b").config, batches, steps=0)
+
+
+def test_interrupted_train_drafter_resumes_and_ends_as_an_uninterrupted_run(fake_tokenizer, corpus, hf_target,
+                                                                            tmp_path, monkeypatch, capsys):
+    base = ["--target", hf_target("e2b")[1], "--data", corpus, "--steps", "6", "--draft-len", "2", "--batch-size", "2",
+            "--seq-len", "16", "--hidden-size", "16", "--layers", "1", "--checkpoint-every", "2"]
+    straight, resumed, progress = tmp_path / "straight", tmp_path / "resumed", tmp_path / ".resumed.train"
+    assert train.train_drafter_cli(base + ["--out", str(straight)]) == 0
+    real = train.window_batches
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while step 5 waits for its batch
+        batches = real(*args, **kwargs)
+        for i, batch in enumerate(batches):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(train, "window_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_drafter_cli(base + ["--out", str(resumed)])
+    monkeypatch.setattr(train, "window_batches", real)
+    assert not resumed.exists() and progress.is_dir()  # no output that looks complete; the progress is kept
+
+    capsys.readouterr()
+    assert train.train_drafter_cli([x if x != "6" else "7" for x in base] + ["--out", str(resumed)]) == 2
+    assert "steps" in capsys.readouterr().err  # another run's progress is not resumed
+    assert train.train_drafter_cli(base + ["--out", str(resumed)]) == 0
+    assert "resuming from step 4 of 6" in capsys.readouterr().err
+    assert not progress.exists()
+    a, b = read_tensors(str(straight)), read_tensors(str(resumed))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_train_drafter_cli_without_a_tokenizer_in_the_target_is_a_one_line_error(corpus, hf_target, tmp_path, capsys):
