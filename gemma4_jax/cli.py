@@ -203,15 +203,17 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"gemma4-jax: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly (before OSError, its base)
+        try:  # Python's own flush of stdout at exit would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (e.g. captured)
+            pass
+        return 1
     except (ValueError, OSError, ImportError) as e:  # ConfigError / CheckpointError are ValueErrors
         print(f"gemma4-jax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

@@ -96,8 +96,13 @@ def main(argv=None) -> int:
         args.temperatures = [float(t) for t in args.distill_temperatures.split(",")]
     except ValueError:
         p.error("--distill-temperatures takes comma-separated numbers")
-    if not args.temperatures or min(args.temperatures) < 0:
-        p.error("--distill-temperatures must be numbers >= 0")
+    from gemma4_jax.sampling import MIN_TEMPERATURE
+
+    if not args.temperatures or any(t < 0 or 0 < t < MIN_TEMPERATURE for t in args.temperatures):
+        p.error(f"--distill-temperatures must be 0 (greedy) or >= {MIN_TEMPERATURE}")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or (
+            os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "corpus_manifest.json")))):
+        p.error(f"--out {args.out}: exists and is not a demo build (no corpus_manifest.json); choose another")
     try:
         manifest = corpus.build_manifest() if args.new_manifest else corpus._load(args.manifest)
         corpus.read_corpus(manifest, "train")  # every train file is checked against its sha256 now

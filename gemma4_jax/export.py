@@ -192,6 +192,8 @@ def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         if not overwrite:
             raise FileExistsError(f"{dest}: already exists and is not empty")
+        if not os.path.isdir(dest):
+            raise FileExistsError(f"{dest}: will not replace it: it is a file, not a checkpoint directory")
         if replaceable is None and not _replaceable(dest):
             raise FileExistsError(f"{dest}: will not replace it: not a checkpoint directory (one with a "
                                   "config.json and no subdirectories)")

@@ -315,8 +315,11 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
         else:
             drafter_lib.check_compatible(drafter.config, cfg, where=drafter.path or "drafter")
             propose, prop_params = DrafterProposals(drafter.config), drafter.params
-            default_k = (drafter.generation_config.get("num_assistant_tokens")
-                         or DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, 4))
+            default_k = drafter.generation_config.get("num_assistant_tokens")
+            if default_k is not None and (not sampling.is_int(default_k) or not 1 <= default_k <= MAX_DRAFT_TOKENS):
+                raise ValueError(f"{drafter.path or 'drafter'}: generation_config.json num_assistant_tokens must "
+                                 f"be an integer in [1, {MAX_DRAFT_TOKENS}], got {default_k!r}")
+            default_k = default_k or DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, 4)
         K = int(num_draft_tokens if num_draft_tokens is not None else default_k)
 
     # A Proposer's params may hold per-row data, so it sees exactly the caller's rows.

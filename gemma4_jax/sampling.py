@@ -30,6 +30,9 @@ class Warp:
     top_p: float | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            if isinstance(getattr(self, name), (np.floating, np.integer)):
+                object.__setattr__(self, name, float(getattr(self, name)))
         if not isinstance(self.temperature, (int, float)):
             return  # bound to traced values (see `bind`): checked when the Warp was made
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):

@@ -165,9 +165,13 @@ class Checkpoints:
     def __init__(self, directory: str, every: int, options: dict):
         import orbax.checkpoint as ocp
 
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"checkpoint every must be an integer >= 1, got {every!r}")
         self.directory, self.every, self._ocp = os.path.abspath(directory), every, ocp
+        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "state"),
+                                              options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
         meta = os.path.join(self.directory, "run.json")
-        if os.path.exists(meta):
+        if os.path.exists(meta) and self.latest_step():  # progress to resume: it must be this run's
             with open(meta, encoding="utf-8") as f:
                 saved = json.load(f)
             differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
@@ -175,13 +179,10 @@ class Checkpoints:
                 k = differ[0]
                 raise TrainError(f"{self.directory} holds an unfinished run with other options ({k}: "
                                  f"{saved.get(k)!r} there, {options.get(k)!r} now); delete it to start over")
-        else:
-            os.makedirs(self.directory, exist_ok=True)
+        else:  # a new run, or one that stopped before its first save
             with open(meta + ".tmp", "w", encoding="utf-8") as f:
                 json.dump(options, f, indent=1, sort_keys=True)
             os.replace(meta + ".tmp", meta)
-        self._manager = ocp.CheckpointManager(os.path.join(self.directory, "state"),
-                                              options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
     def latest_step(self) -> int:
         """The step of the last saved state (0: none yet)."""
@@ -608,16 +609,16 @@ def read_corpus(files: Iterable[str], tokenizer, vocab_size: int) -> np.ndarray:
 
 def window_batches(ids: np.ndarray, seq_len: int, batch_size: int, seed: int, bos: int | None = None):
     """An endless stream of batches [batch_size, seq_len] of windows drawn at random from the
-    non-overlapping windows of `ids`. With `bos`, each window is `bos` and then seq_len - 1 tokens:
+    non-overlapping windows of `ids`. With `bos`, each window's first token is replaced by `bos`:
     a real target sees every sequence start with <bos>, and its hidden states without one are not
     what the drafter meets at inference."""
-    body = seq_len - (bos is not None)
-    n = len(ids) // body
+    n = len(ids) // seq_len
     if n == 0:
         raise TrainError(f"the data has {len(ids)} tokens, fewer than --seq-len {seq_len}")
-    windows = ids[: n * body].reshape(n, body)
-    if bos is not None:
-        windows = np.concatenate([np.full((n, 1), bos, windows.dtype), windows], axis=1)
+    windows = ids[: n * seq_len].reshape(n, seq_len)
+    if bos is not None:  # the window's first token becomes <bos> (no <bos><bos> where a document starts)
+        windows = windows.copy()
+        windows[:, 0] = bos
     rng = np.random.default_rng(seed)
     return (windows[rng.integers(0, n, batch_size)] for _ in iter(int, 1))
 

@@ -119,3 +119,12 @@ def test_chat_mode_formats_gemma4_turns_and_generates():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert 1 <= len(out["tokens"]) <= 8 and out["stats"]["verify_steps"] >= 1
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "run_generate", closed)
+    assert cli.main(["generate", "x"]) == 1
+    assert capsys.readouterr().err == ""

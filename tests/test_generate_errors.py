@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 
 import gemma4_jax
@@ -140,6 +141,23 @@ def test_the_drafters_num_assistant_tokens_beats_the_per_width_default(loaded, e
     assert e2b_drafter.generation_config["num_assistant_tokens"] == 4
     out = generate(m, [[2, 5]], drafter=e2b_drafter, max_new_tokens=4)
     assert len(out.stats["accept_histogram"]) == 4 + 1
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, 100])
+def test_a_drafters_bad_num_assistant_tokens_is_named(bad, loaded, e2b_drafter):
+    import dataclasses
+
+    d = dataclasses.replace(e2b_drafter, generation_config={**e2b_drafter.generation_config,
+                                                            "num_assistant_tokens": bad})
+    fails(loaded("e2b"), [[2, 5]], "num_assistant_tokens", repr(bad), drafter=d)
+
+
+def test_numpy_scalar_temperatures_are_plain_numbers():
+    from gemma4_jax.sampling import Warp
+
+    assert Warp(np.float32(0)).greedy
+    with pytest.raises(ValueError, match="temperature"):
+        Warp(np.float32(-1))
 
 
 def test_compile_time_is_reported_apart_from_generation(loaded):

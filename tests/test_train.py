@@ -146,6 +146,16 @@ def test_overwrite_replaces_only_a_checkpoint_directory(loaded, tmp_path):
     with pytest.raises(FileExistsError, match="not a checkpoint directory"):
         export.save(str(other), loaded("e2b"), overwrite=True)
     assert os.listdir(other) == ["notes.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    with pytest.raises(FileExistsError, match="not a checkpoint directory"):
+        export.save(str(a_file), loaded("e2b"), overwrite=True)
+    assert a_file.read_text() == "keep me too"
+
+
+def test_progress_of_a_run_that_saved_nothing_does_not_block_another_command(tmp_path):
+    train.Checkpoints(str(tmp_path / "p"), 2, {"batch_size": 16})  # e.g. out of memory before step 2
+    train.Checkpoints(str(tmp_path / "p"), 2, {"batch_size": 8})  # the smaller retry is not refused
 
 
 def test_overwrite_that_fails_at_the_swap_puts_the_old_checkpoint_back(loaded, tmp_path, monkeypatch):
@@ -316,8 +326,10 @@ def test_training_windows_start_with_bos_when_asked():
     ids = np.arange(10, 110, dtype=np.int32)
     batch = next(train.window_batches(ids, 8, 32, seed=0, bos=2))
     assert batch.shape == (32, 8) and (batch[:, 0] == 2).all()
-    assert (np.diff(batch[:, 1:], axis=1) == 1).all()  # then 7 consecutive corpus tokens
-    assert ((batch[:, 1] - 10) % 7 == 0).all()  # from the non-overlapping 7-token windows
+    assert (np.diff(batch[:, 1:], axis=1) == 1).all()  # then the window's other 7 corpus tokens
+    assert ((batch[:, 1] - 10) % 8 == 1).all()  # of the non-overlapping 8-token windows
+    docs = np.concatenate([[2], np.arange(10, 17), [2], np.arange(20, 27)]).astype(np.int32)
+    assert not (np.asarray(next(train.window_batches(docs, 8, 8, seed=0, bos=2)))[:, 1] == 2).any()  # no <bos><bos>
     plain = next(train.window_batches(ids, 8, 4, seed=0))
     assert (np.diff(plain, axis=1) == 1).all()
 
