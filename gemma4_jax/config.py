@@ -52,25 +52,19 @@ _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "attention_bias")
 
 
-def _int(c: dict, name: str, where: str) -> int:
-    v = c[name]
-    if type(v) is not int:  # bool is an int subclass: refused; 256.9 is not silently truncated
-        raise ConfigError(f"{where}: {name}={v!r} must be an integer")
-    return v
+_REQUIRED = object()
+_KINDS = {int: ("an integer", lambda v: type(v) is int),  # bool is an int subclass: refused; 64.9 not truncated
+          float: ("a number", lambda v: type(v) in (int, float)),
+          bool: ("true or false", lambda v: type(v) is bool)}  # "false" would otherwise read as true
 
 
-def _float(c: dict, name: str, where: str) -> float:
-    v = c[name]
-    if type(v) not in (int, float):
-        raise ConfigError(f"{where}: {name}={v!r} must be a number")
-    return float(v)
-
-
-def _bool(c: dict, name: str, where: str) -> bool:
-    v = c[name]
-    if type(v) is not bool:  # "false" would otherwise read as true
-        raise ConfigError(f"{where}: {name}={v!r} must be true or false")
-    return v
+def _get(c: dict, name: str, kind: type, where: str, default=_REQUIRED):
+    """c[name] (or `default` when absent; a KeyError when required), checked to be of `kind`."""
+    v = c[name] if default is _REQUIRED else c.get(name, default)
+    label, ok = _KINDS[kind]
+    if not ok(v):
+        raise ConfigError(f"{where}: {name}={v!r} must be {label}")
+    return kind(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +194,10 @@ def _rope(params: dict, hf_type: str, where: str) -> Rope:
                           "(supported: 'default', 'proportional')")
     if "rope_theta" not in params:
         raise ConfigError(f"{where}: rope_parameters[{hf_type!r}] has no rope_theta")
-    at = f"rope_parameters[{hf_type!r}].%s"
-    num = lambda k, default: _float({at % k: params.get(k, default)}, at % k, where)
-    fraction = num("partial_rotary_factor", 1.0) if kind == "proportional" else 1.0
-    factor = num("factor", 1.0) if kind == "proportional" else 1.0
-    return Rope(theta=num("rope_theta", None), fraction=fraction, factor=factor)
+    at = f"{where}: rope_parameters[{hf_type!r}]"
+    fraction = _get(params, "partial_rotary_factor", float, at, 1.0) if kind == "proportional" else 1.0
+    factor = _get(params, "factor", float, at, 1.0) if kind == "proportional" else 1.0
+    return Rope(theta=_get(params, "rope_theta", float, at), fraction=fraction, factor=factor)
 
 
 def text_config_dict(raw: dict, where: str) -> tuple[str, dict]:
@@ -242,7 +235,7 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
     if c.get("tie_word_embeddings", True) is not True:
         raise ConfigError(f"{where}: tie_word_embeddings=false is not supported (Gemma 4 ties its LM head)")
 
-    n_layers = _int(c, "num_hidden_layers", where)
+    n_layers = _get(c, "num_hidden_layers", int, where)
     hf_types = c.get("layer_types")
     if hf_types is not None and not (isinstance(hf_types, list) and all(isinstance(t, str) for t in hf_types)):
         raise ConfigError(f"{where}: layer_types must be a list of strings, got {hf_types!r}")
@@ -257,8 +250,8 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
     hf_types[-1] = "full_attention"  # transformers forces the last layer to full attention
     types = tuple(_HF_LAYER_TYPES[t] for t in hf_types)
 
-    head_dim, kv_heads = _int(c, "head_dim", where), _int(c, "num_key_value_heads", where)
-    k_eq_v = _bool(c, "attention_k_eq_v", where)
+    head_dim, kv_heads = _get(c, "head_dim", int, where), _get(c, "num_key_value_heads", int, where)
+    k_eq_v = _get(c, "attention_k_eq_v", bool, where)
     if "per_layer_config" in c:  # the form save_pretrained writes
         try:
             overrides = {int(k): dict(v) for k, v in c["per_layer_config"].items()}
@@ -276,13 +269,12 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
         bad = set(full_over[0]) - {"head_dim", "num_key_value_heads"}
         if bad:
             raise ConfigError(f"{where}: per_layer_config field(s) {sorted(bad)} not supported")
-        o = {"head_dim": head_dim, "num_key_value_heads": kv_heads, **full_over[0]}
-        global_head_dim = _int(o, "head_dim", f"{where}: per_layer_config")
-        global_kv = _int(o, "num_key_value_heads", f"{where}: per_layer_config")
+        global_head_dim = _get(full_over[0], "head_dim", int, f"{where}: per_layer_config", head_dim)
+        global_kv = _get(full_over[0], "num_key_value_heads", int, f"{where}: per_layer_config", kv_heads)
     else:  # the form of the released config.json files
-        global_head_dim = _int({"global_head_dim": 512, **c}, "global_head_dim", where)
+        global_head_dim = _get(c, "global_head_dim", int, where, 512)
         nkv = c.get("num_global_key_value_heads")
-        global_kv = _int(c, "num_global_key_value_heads", where) if (k_eq_v and nkv is not None) else kv_heads
+        global_kv = _get(c, "num_global_key_value_heads", int, where) if (k_eq_v and nkv is not None) else kv_heads
 
     rope = c.get("rope_parameters") or _DEFAULT_ROPE
     if not isinstance(rope, dict):
@@ -293,10 +285,10 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
 
     # The unified decoder has no PLE and no MoE code: transformers ignores such fields there, and so do we.
     unified = model_type == "gemma4_unified_text"
-    moe = _bool({"enable_moe_block": False, **c}, "enable_moe_block", where) and not unified
-    ple = 0 if unified else _int({"hidden_size_per_layer_input": 0, **c}, "hidden_size_per_layer_input", where)
-    softcap = _float(c, "final_logit_softcapping", where) if c.get("final_logit_softcapping") is not None else None
-    num = lambda name, default=None: _int(c if default is None else {name: default, **c}, name, where)
+    moe = _get(c, "enable_moe_block", bool, where, False) and not unified
+    ple = 0 if unified else _get(c, "hidden_size_per_layer_input", int, where, 0)
+    softcap = _get(c, "final_logit_softcapping", float, where) if c.get("final_logit_softcapping") is not None else None
+    num = functools.partial(_get, c, kind=int, where=where)
     cfg = Config(
         vocab_size=num("vocab_size"),
         hidden_size=num("hidden_size"),
@@ -310,17 +302,17 @@ def from_hf_text(text: dict, model_type: str, where: str) -> Config:
         sliding_window=num("sliding_window"),
         rope_sliding=_rope(rope["sliding_attention"], "sliding_attention", where),
         rope_full=_rope(rope["full_attention"], "full_attention", where),
-        rms_norm_eps=_float(c, "rms_norm_eps", where),
+        rms_norm_eps=_get(c, "rms_norm_eps", float, where),
         final_logit_softcapping=softcap or None,
-        num_kv_shared_layers=num("num_kv_shared_layers", 0),
+        num_kv_shared_layers=num("num_kv_shared_layers", default=0),
         k_eq_v=k_eq_v,
-        double_wide_mlp=_bool({"use_double_wide_mlp": False, **c}, "use_double_wide_mlp", where),
+        double_wide_mlp=_get(c, "use_double_wide_mlp", bool, where, False),
         ple_dim=ple,
-        ple_vocab_size=num("vocab_size_per_layer_input", 0) if ple else 0,
+        ple_vocab_size=num("vocab_size_per_layer_input", default=0) if ple else 0,
         num_experts=num("num_experts") if moe else 0,
         top_k_experts=num("top_k_experts") if moe else 0,
         moe_intermediate_size=num("moe_intermediate_size") if moe else 0,
-        max_position_embeddings=num("max_position_embeddings", 131072),
+        max_position_embeddings=num("max_position_embeddings", default=131072),
     )
     return cfg.validate(where)
 

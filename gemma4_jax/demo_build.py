@@ -100,8 +100,9 @@ def main(argv=None) -> int:
 
     if not args.temperatures or any(t < 0 or 0 < t < MIN_TEMPERATURE for t in args.temperatures):
         p.error(f"--distill-temperatures must be 0 (greedy) or >= {MIN_TEMPERATURE}")
-    if os.path.exists(args.out) and (not os.path.isdir(args.out) or (
-            os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "corpus_manifest.json")))):
+    try:
+        export.check_destination(args.out, True, _is_demo_build)
+    except FileExistsError:
         p.error(f"--out {args.out}: exists and is not a demo build (no corpus_manifest.json); choose another")
     try:
         manifest = corpus.build_manifest() if args.new_manifest else corpus._load(args.manifest)
@@ -112,8 +113,12 @@ def main(argv=None) -> int:
     # The whole set (manifest, target, drafter, README) is built in a staging directory next to
     # --out and swapped in at the end: an interrupted build leaves the previous set as it was.
     export.atomic_directory(args.out, lambda stage: _build(args, manifest, command, stage), overwrite=True,
-                            replaceable=lambda d: os.path.isfile(os.path.join(d, "corpus_manifest.json")))
+                            replaceable=_is_demo_build)
     return 0
+
+
+def _is_demo_build(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "corpus_manifest.json"))
 
 
 def _build(args, manifest: dict, command: str, out: str) -> None:

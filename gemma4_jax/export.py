@@ -180,25 +180,33 @@ def _write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
+def _is_checkpoint_dir(path: str) -> bool:
+    entries = os.listdir(path)
+    return "config.json" in entries and not any(os.path.isdir(os.path.join(path, e)) for e in entries)
+
+
+def check_destination(dest: str, overwrite: bool, replaceable: Callable[[str], bool] = _is_checkpoint_dir) -> None:
+    """FileExistsError unless `dest` may be written: absent or an empty directory, or with
+    `overwrite` a directory for which `replaceable(dest)` holds (default: a checkpoint directory:
+    a config.json, no subdirectories). Never a plain file."""
+    if not os.path.exists(dest) or (os.path.isdir(dest) and not os.listdir(dest)):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dest}: already exists and is not empty")
+    if not os.path.isdir(dest) or not replaceable(dest):
+        raise FileExistsError(f"{dest}: will not replace it: not a checkpoint directory (a config.json, "
+                              "no subdirectories)")
+
+
 def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool = False,
-                     replaceable: Callable[[str], bool] | None = None) -> str:
+                     replaceable: Callable[[str], bool] = _is_checkpoint_dir) -> str:
     """Runs `write(tmp)` on a fresh temporary directory next to `dest`, then renames it to `dest`.
-    An existing non-empty `dest` is an error unless `overwrite`; then `replaceable(dest)` must hold
-    (default: a checkpoint directory: a config.json, no subdirectories), and it is replaced whole, or
-    put back if the replacement fails. The result gets the usual permissions (umask), not mkdtemp's
-    owner-only ones; files in subdirectories keep theirs."""
+    `dest` must pass `check_destination`; an existing one is replaced whole, or put back if the
+    replacement fails. The result gets the usual permissions (umask), not mkdtemp's owner-only
+    ones; files in subdirectories keep theirs."""
     dest = os.path.abspath(dest)
     parent, base = os.path.split(dest)
-    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        if not overwrite:
-            raise FileExistsError(f"{dest}: already exists and is not empty")
-        if not os.path.isdir(dest):
-            raise FileExistsError(f"{dest}: will not replace it: it is a file, not a checkpoint directory")
-        if replaceable is None and not _replaceable(dest):
-            raise FileExistsError(f"{dest}: will not replace it: not a checkpoint directory (one with a "
-                                  "config.json and no subdirectories)")
-        if replaceable is not None and not replaceable(dest):
-            raise FileExistsError(f"{dest}: will not replace it: it does not look like what is written there")
+    check_destination(dest, overwrite, replaceable)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".partial", dir=parent)
     old = moved = None
@@ -213,15 +221,11 @@ def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool
                 os.chmod(path, 0o666 & ~mask)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-        if os.path.isdir(dest):
+        if os.path.isdir(dest):  # check_destination let only a directory through
             old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
             moved = os.path.join(old, base)
             os.rename(dest, moved)
-            os.rename(tmp, dest)
-        else:
-            if os.path.exists(dest):
-                os.remove(dest)
-            os.rename(tmp, dest)
+        os.rename(tmp, dest)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,11 +236,6 @@ def atomic_directory(dest: str, write: Callable[[str], None], *, overwrite: bool
         if old is not None and not (moved and os.path.isdir(moved) and not os.path.isdir(dest)):
             shutil.rmtree(old, ignore_errors=True)
     return dest
-
-
-def _replaceable(path: str) -> bool:
-    entries = os.listdir(path)
-    return "config.json" in entries and not any(os.path.isdir(os.path.join(path, e)) for e in entries)
 
 
 def _fsync_dir(path: str) -> None:

@@ -245,6 +245,11 @@ def _batch_bucket(n: int, mesh) -> int:
     return -(-b // d) * d
 
 
+def _check_draft_tokens(k, what: str) -> None:
+    if k is not None and (not sampling.is_int(k) or not 1 <= k <= MAX_DRAFT_TOKENS):
+        raise ValueError(f"{what} must be an integer in [1, {MAX_DRAFT_TOKENS}], got {k!r}")
+
+
 def _stop_tokens(model_obj, stop_tokens) -> tuple[int, ...]:
     if stop_tokens is None:
         eos = model_obj.generation_config.get("eos_token_id", [])
@@ -287,9 +292,7 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
         raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     if not sampling.is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if num_draft_tokens is not None and (not sampling.is_int(num_draft_tokens)
-                                         or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS):
-        raise ValueError(f"num_draft_tokens must be an integer in [1, {MAX_DRAFT_TOKENS}], got {num_draft_tokens!r}")
+    _check_draft_tokens(num_draft_tokens, "num_draft_tokens")
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
@@ -316,9 +319,7 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
             drafter_lib.check_compatible(drafter.config, cfg, where=drafter.path or "drafter")
             propose, prop_params = DrafterProposals(drafter.config), drafter.params
             default_k = drafter.generation_config.get("num_assistant_tokens")
-            if default_k is not None and (not sampling.is_int(default_k) or not 1 <= default_k <= MAX_DRAFT_TOKENS):
-                raise ValueError(f"{drafter.path or 'drafter'}: generation_config.json num_assistant_tokens must "
-                                 f"be an integer in [1, {MAX_DRAFT_TOKENS}], got {default_k!r}")
+            _check_draft_tokens(default_k, f"{drafter.path or 'drafter'}: generation_config.json num_assistant_tokens")
             default_k = default_k or DEFAULT_DRAFT_TOKENS.get(cfg.hidden_size, 4)
         K = int(num_draft_tokens if num_draft_tokens is not None else default_k)
 
@@ -341,13 +342,12 @@ def _prepare(model_obj, prompts, drafter, max_new_tokens, num_draft_tokens, temp
                 jax.random.key(seed), warp.values(), model_obj.mesh, len(prompts))
 
 
-def _result(state: State, rows: int, seconds: float, compile_seconds: float) -> Result:
-    out, out_len, steps, accepted, proposed, hist = (x[:rows] for x in jax.device_get(
+def _result(state: State, n_rows: int, seconds: float, compile_seconds: float) -> Result:
+    out, out_len, steps, accepted, proposed, hist = (x[:n_rows] for x in jax.device_get(
         (state.out, state.out_len, state.steps, state.accepted, state.proposed, state.histogram)))
-    rows = [out[i, : out_len[i]].tolist() for i in range(len(out_len))]
     stats = _stats(out_len, steps, accepted, proposed, hist, seconds)
     stats["compile_seconds"] = compile_seconds
-    return Result(tokens=rows, stats=stats)
+    return Result(tokens=[out[i, : out_len[i]].tolist() for i in range(n_rows)], stats=stats)
 
 
 def generate(model_obj, prompts: Sequence[Sequence[int]], *, drafter=None, max_new_tokens: int,
@@ -395,10 +395,10 @@ class Stream:
         job = self._job
         seconds = compile_seconds = 0.0
         with job.context():
+            seen = np.zeros(job.rows, np.int64)
             with _Clock() as clock:
                 state = _start_jit(job.params, job.tokens, job.lengths, job.max_new, job.key, job.warp_values,
                                    job.plan)
-                seen = np.zeros(job.rows, np.int64)
                 out, out_len, done = jax.device_get((state.out, state.out_len, state.done))
             while True:
                 seconds, compile_seconds = seconds + clock.seconds, compile_seconds + clock.compile_seconds

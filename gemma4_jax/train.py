@@ -148,12 +148,12 @@ def _stream(batches, steps: int, place_batch, skip: int = 0):
     order without them); the first placed batch is checked now, before anything compiles."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if skip >= steps:
+        return iter(())
     raw = _iterate(batches, steps)
     for _ in range(skip):
         next(raw)
     it = (place_batch(b) for b in raw)
-    if skip >= steps:
-        return iter(())
     return itertools.chain([next(it)], it)
 
 
@@ -412,8 +412,8 @@ def distill_loss(dparams: dict, dcfg: DrafterConfig, tparams: dict, tcfg: Config
     B, T = tokens.shape
     V = tcfg.vocab_size
     chunk = int(chunk or max(1, LOGITS_BUDGET // (B * V)))
-    greedy_of = lambda th: {"g": jnp.argmax(model.logits(tparams, tcfg, th), axis=-1).astype(jnp.int32)}  # noqa: E731
-    greedy = jax.lax.stop_gradient(_over_chunks(greedy_of, chunk, hidden, join=True)["g"])  # token at i+1
+    greedy_of = lambda th: jnp.argmax(model.logits(tparams, tcfg, th), axis=-1).astype(jnp.int32)  # noqa: E731
+    greedy = jax.lax.stop_gradient(_over_chunks(greedy_of, chunk, hidden, join=True))  # greedy[i]: token at i+1
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     # agree[i]: the sequence's token at i+1 is the target's greedy token
     agree = jnp.concatenate([tokens[:, 1:] == greedy[:, :-1], jnp.zeros((B, 1), bool)], axis=1)
@@ -446,10 +446,10 @@ def distill_loss(dparams: dict, dcfg: DrafterConfig, tparams: dict, tcfg: Config
         x = jnp.concatenate([model.embed(tparams, tcfg, tok), carry.astype(hidden.dtype)], axis=-1)
         h, carry = drafter_lib.hidden(dparams, dcfg, x, pos, views)
         w = valid.astype(f32)
-        sums = _over_chunks(position_losses, chunk, h, _shift(hidden, j), w)
-        total, count = total + sums["loss"], count + jnp.sum(w)
-        hits.append(sums["hits"] / jnp.maximum(jnp.sum(w), 1.0))
-        weights.append(jnp.sum(w))
+        sums, n = _over_chunks(position_losses, chunk, h, _shift(hidden, j), w), jnp.sum(w)
+        total, count = total + sums["loss"], count + n
+        hits.append(sums["hits"] / jnp.maximum(n, 1.0))
+        weights.append(n)
     return total / jnp.maximum(count, 1.0), {"agree": jnp.stack(hits), "weight": jnp.stack(weights)}
 
 
@@ -658,14 +658,13 @@ def _check_out(args) -> None:
     inside = lambda path: os.path.commonpath([out, os.path.realpath(path)]) == out
     if inside(args.target) or any(inside(p) for p in args.data):
         raise TrainError(f"--out {args.out}: would replace the target or the data; choose another directory")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        if not args.overwrite:
-            raise TrainError(f"--out {args.out}: already exists and is not empty (pass --overwrite to replace it)")
-        from gemma4_jax.export import _replaceable
+    from gemma4_jax.export import check_destination
 
-        if not os.path.isdir(out) or not _replaceable(out):
-            raise TrainError(f"--out {args.out}: --overwrite replaces only a checkpoint directory (a config.json, "
-                             "no subdirectories); this is not one")
+    try:
+        check_destination(out, args.overwrite)
+    except FileExistsError as e:
+        hint = "" if args.overwrite else " (pass --overwrite to replace a checkpoint directory)"
+        raise TrainError(f"--out: {e}{hint}") from None
     parent = os.path.dirname(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
